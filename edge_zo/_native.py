@@ -1,0 +1,206 @@
+"""The one module that touches cffi objects.
+
+Everything crossing into C is checked here (dtype, shape, contiguity), status
+codes become typed exceptions carrying the C side's message, and results come
+back as plain Python or numpy values. Nothing above this module sees a cdata.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InvalidInputError, ModelFileError, NativeBuildError, NativeRuntimeError
+
+try:
+    import llama_cpp  # noqa: F401  (loads libllama/libggml once, before our extension links to them)
+    from ._edge_zo_native import ffi, lib
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    raise NativeBuildError(
+        f"edge-zo's native core is not built or does not load ({exc}). "
+        "Reinstall with `pip install -e .` (it compiles native/edge_zo.c against llama-cpp-python==0.3.36)."
+    ) from exc
+
+_ERRORS = {
+    lib.EZ_ERR_IO: ModelFileError,
+    lib.EZ_ERR_INVALID: InvalidInputError,
+    lib.EZ_ERR_RUNTIME: NativeRuntimeError,
+    lib.EZ_ERR_NOMEM: MemoryError,
+}
+
+
+def _check(rc: int) -> None:
+    if rc != lib.EZ_OK:
+        message = ffi.string(lib.ez_last_error()).decode("utf-8", "replace")
+        raise _ERRORS.get(rc, NativeRuntimeError)(message)
+
+
+def _array(a, dtype, name: str) -> np.ndarray:
+    out = np.ascontiguousarray(a, dtype=dtype)
+    if out.ndim != 1:
+        raise InvalidInputError(f"{name} must be one-dimensional, got shape {out.shape}")
+    return out
+
+
+@dataclass(frozen=True)
+class ContextParams:
+    """How big a llama.cpp context to create (see ez_model_params in edge_zo.h)."""
+
+    n_ctx_seq: int = 512
+    n_seq_max: int = 16
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    n_threads: int = 0
+    n_gpu_layers: int = 0
+    kv_f32: bool = False
+    flash_attn: int = -1
+    verbose: bool = False
+    extra_bufts: bool = False
+
+
+class NativeModel:
+    """A llama.cpp model and context with sparse deltas applied in every forward."""
+
+    def __init__(self, path: str, params: ContextParams = ContextParams()):
+        p = ffi.new("ez_model_params *")
+        lib.ez_default_params(p)
+        for field in ContextParams.__dataclass_fields__:
+            setattr(p, field, int(getattr(params, field)))
+        out = ffi.new("ez_model **")
+        _check(lib.ez_model_open(str(path).encode(), p, out))
+        self._m = out[0]
+        self._slots: dict[int, np.ndarray] = {}  # slot id -> the values array C borrows
+        self.n_vocab = int(lib.ez_n_vocab(self._m))
+        self.n_ctx_seq = int(lib.ez_n_ctx_seq(self._m))
+        self.n_seq_max = int(lib.ez_n_seq_max(self._m))
+        self.n_batch = int(lib.ez_n_batch(self._m))
+        self.bos = int(lib.ez_token_bos(self._m))
+        self.eos = int(lib.ez_token_eos(self._m))
+        self.add_bos = bool(lib.ez_add_bos(self._m))
+
+    def close(self) -> None:
+        if self._m is not None:
+            lib.ez_model_close(self._m)
+            self._m = None
+            self._slots.clear()
+
+    def __del__(self):
+        self.close()
+
+    def _live(self):
+        if self._m is None:
+            raise NativeRuntimeError("this model has been closed")
+        return self._m
+
+    @property
+    def fallback_count(self) -> int:
+        """How many tensors the sparse path had to copy from a non-host backend."""
+        return int(lib.ez_fallback_count(self._live()))
+
+    def is_eog(self, token: int) -> bool:
+        return bool(lib.ez_token_is_eog(self._live(), int(token)))
+
+    # ---- text ----
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> np.ndarray:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        while True:
+            buf = np.empty(cap, dtype=np.int32)
+            n = ffi.new("int32_t *")
+            rc = lib.ez_tokenize(self._live(), data, len(data), add_special, parse_special,
+                                 ffi.from_buffer("int32_t[]", buf), cap, n)
+            if rc == lib.EZ_ERR_NOMEM and n[0] > cap:
+                cap = n[0]
+                continue
+            _check(rc)
+            return buf[: n[0]].copy()
+
+    def token_piece(self, token: int) -> bytes:
+        cap = 64
+        while True:
+            buf = ffi.new("char[]", cap)
+            n = ffi.new("int32_t *")
+            rc = lib.ez_token_piece(self._live(), int(token), buf, cap, n)
+            if rc == lib.EZ_ERR_NOMEM and n[0] > cap:
+                cap = n[0]
+                continue
+            _check(rc)
+            return ffi.buffer(buf, n[0])[:]
+
+    def detokenize(self, tokens) -> str:
+        return b"".join(self.token_piece(t) for t in tokens).decode("utf-8", "replace")
+
+    def apply_chat_template(self, messages: list[dict], *, add_assistant: bool) -> str:
+        keep = [ffi.new("char[]", str(m[k]).encode()) for m in messages for k in ("role", "content")]
+        roles = ffi.new("const char *[]", keep[0::2])
+        contents = ffi.new("const char *[]", keep[1::2])
+        cap = 2 * sum(len(m["content"]) + len(m["role"]) for m in messages) + 512
+        while True:
+            buf = ffi.new("char[]", cap)
+            n = ffi.new("int32_t *")
+            rc = lib.ez_chat_template(self._live(), roles, contents, len(messages), add_assistant, buf, cap, n)
+            if rc == lib.EZ_ERR_NOMEM and n[0] > cap:
+                cap = n[0] + 1
+                continue
+            _check(rc)
+            return ffi.buffer(buf, n[0])[:].decode("utf-8")
+
+    # ---- sparse deltas ----
+
+    def add_sparse(self, name: str, shape: tuple[int, ...], indices, values: np.ndarray) -> int:
+        """Attach deltas to weight `name` of numpy shape (n_out, n_in) or (n_expert, n_out, n_in).
+
+        `values` must be a contiguous float32 array; C reads it on every forward,
+        so writing into it between forwards changes the deltas without a copy.
+        """
+        if not isinstance(values, np.ndarray) or values.dtype != np.float32 or not values.flags.c_contiguous:
+            raise InvalidInputError(f"{name}: sparse values must be a contiguous float32 numpy array")
+        idx = _array(indices, np.int64, f"{name} indices")
+        if values.ndim != 1 or len(values) != len(idx):
+            raise InvalidInputError(f"{name}: {len(idx)} indices but {values.size} values")
+        if len(shape) == 2:
+            n_expert, (n_out, n_in) = 1, shape
+        elif len(shape) == 3:
+            n_expert, n_out, n_in = shape
+        else:
+            raise InvalidInputError(f"{name}: sparse deltas need a 2-D or 3-D weight, got shape {shape}")
+        slot = ffi.new("int64_t *")
+        _check(lib.ez_sparse_add(self._live(), name.encode(), n_in, n_out, n_expert,
+                                 ffi.from_buffer("int64_t[]", idx), ffi.from_buffer("float[]", values),
+                                 len(idx), slot))
+        self._slots[int(slot[0])] = values
+        return int(slot[0])
+
+    def remove_sparse(self, slot: int) -> None:
+        _check(lib.ez_sparse_remove(self._live(), int(slot)))
+        self._slots.pop(int(slot), None)
+
+    # ---- loss and generation ----
+
+    def loss(self, tokens, targets, seq_start) -> tuple[np.ndarray, np.ndarray]:
+        """Summed target NLL and target count per sequence (see ez_loss)."""
+        tok = _array(tokens, np.int32, "tokens")
+        tgt = _array(targets, np.uint8, "targets")
+        start = _array(seq_start, np.int32, "seq_start")
+        if len(tgt) != len(tok) or len(start) < 2 or start[-1] != len(tok):
+            raise InvalidInputError("tokens, targets and seq_start do not describe the same batch")
+        n_seq = len(start) - 1
+        nll = np.zeros(n_seq, dtype=np.float64)
+        count = np.zeros(n_seq, dtype=np.int32)
+        _check(lib.ez_loss(self._live(), ffi.from_buffer("int32_t[]", tok), ffi.from_buffer("uint8_t[]", tgt),
+                           ffi.from_buffer("int32_t[]", start), n_seq,
+                           ffi.from_buffer("double[]", nll), ffi.from_buffer("int32_t[]", count)))
+        return nll, count
+
+    def generate(self, prompt, *, max_tokens: int, temperature: float, top_p: float, seed: int):
+        """Yield generated token ids until end of generation or max_tokens."""
+        tok = _array(prompt, np.int32, "prompt")
+        _check(lib.ez_generate_begin(self._live(), ffi.from_buffer("int32_t[]", tok), len(tok),
+                                     float(temperature), float(top_p), int(seed) & 0xFFFFFFFF))
+        out = ffi.new("int32_t *")
+        for _ in range(max_tokens):
+            _check(lib.ez_generate_next(self._live(), out))
+            if out[0] < 0:
+                return
+            yield int(out[0])

@@ -1,0 +1,1 @@
+"""One module per `edge-zo` command, each with its own `main(argv)`."""

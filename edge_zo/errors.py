@@ -1,0 +1,29 @@
+"""The exceptions edge-zo raises.
+
+Each subclass also derives from the matching builtin, so callers may catch
+either `edge_zo.errors.InvalidInputError` or plain `ValueError`.
+"""
+
+
+class EdgeZoError(Exception):
+    """Base of every error edge-zo raises on purpose."""
+
+
+class InvalidInputError(EdgeZoError, ValueError):
+    """A file, argument or record is malformed; the message says where and what to do."""
+
+
+class ModelFileError(EdgeZoError, OSError):
+    """A model or adapter file is missing, unreadable or corrupt."""
+
+
+class IncompatibleAdapterError(InvalidInputError):
+    """An adapter does not fit the model it is attached to."""
+
+
+class NativeRuntimeError(EdgeZoError, RuntimeError):
+    """llama.cpp or the native core failed while running."""
+
+
+class NativeBuildError(EdgeZoError, ImportError):
+    """The compiled extension is missing or does not load."""

@@ -1,0 +1,83 @@
+"""What a GGUF model file says about itself: architecture, tensors, shapes.
+
+Read with gguf-py's memory-mapped reader, so opening even a large model costs
+little; nothing here loads weights into llama.cpp.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .constants import BLOCK_MATMUL_SUFFIXES, OUTPUT, TOKEN_EMBD, General
+from .errors import ModelFileError
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]   # numpy order: (n_out, n_in) or (n_expert, n_out, n_in)
+    type_name: str           # GGML type, e.g. "Q4_1"
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class ModelInfo:
+    path: Path
+    architecture: str
+    file_type: int | None
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "ModelInfo":
+        import gguf
+
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"{path}: no such model file. Pass the path of a .gguf model.")
+        try:
+            reader = gguf.GGUFReader(path)
+        except Exception as exc:  # gguf raises ValueError/struct.error/... on corrupt files
+            raise ModelFileError(f"{path}: not a readable GGUF file ({exc}). Re-download or re-convert it.") from exc
+        arch = _field(reader, General.ARCHITECTURE)
+        if not isinstance(arch, str):
+            raise ModelFileError(f"{path}: GGUF file has no {General.ARCHITECTURE} key; it is not a model")
+        tensors = {
+            t.name: TensorInfo(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name)
+            for t in reader.tensors
+        }
+        ftype = _field(reader, General.FILE_TYPE)
+        return cls(path, arch, int(ftype) if ftype is not None else None, tensors)
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """The output projection reuses token_embd.weight (no output.weight tensor)."""
+        return OUTPUT not in self.tensors and TOKEN_EMBD in self.tensors
+
+    def block_matmul_weights(self) -> list[str]:
+        """Weights multiplied inside the transformer blocks: the default tuning targets."""
+        return [n for n in self.tensors if n.startswith("blk.") and n.endswith(BLOCK_MATMUL_SUFFIXES)]
+
+    def sha256(self) -> str:
+        return file_sha256(self.path)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _field(reader, key):
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    return f.contents()

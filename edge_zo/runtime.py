@@ -1,0 +1,134 @@
+"""The runtime users program against: a GGUF model, its attached sparse
+adapters, and losses from llama.cpp forward passes."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ._native import ContextParams, NativeModel
+from .adapter import SparseAdapter
+from .dataset import Example
+from .errors import InvalidInputError
+from .model_info import ModelInfo
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    batch_size: int = 16         # sequences per llama_decode
+    max_tokens: int = 512        # tokens per sequence
+    threads: int = 0             # 0: every core
+    gpu_layers: int = 0
+    kv_f32: bool = False
+    verbose: bool = False
+
+
+@dataclass
+class Attachment:
+    adapter: SparseAdapter
+    slots: list[int]
+
+
+@dataclass(frozen=True)
+class LossResult:
+    nll: np.ndarray     # summed NLL per example
+    count: np.ndarray   # target tokens per example
+
+    @property
+    def mean(self) -> float:
+        """Mean loss per target token."""
+        return float(self.nll.sum() / max(int(self.count.sum()), 1))
+
+
+class Runtime:
+    def __init__(self, model_path: str | Path, options: RuntimeOptions = RuntimeOptions()):
+        self.info = ModelInfo.open(model_path)
+        self.options = options
+        threads = options.threads or os.cpu_count() or 1
+        self.native = NativeModel(str(model_path), ContextParams(
+            n_ctx_seq=options.max_tokens, n_seq_max=options.batch_size,
+            n_batch=max(options.max_tokens, min(options.batch_size * options.max_tokens, 4096)),
+            n_ubatch=512, n_threads=threads, n_gpu_layers=options.gpu_layers,
+            kv_f32=options.kv_f32, verbose=options.verbose))
+        self.attachments: list[Attachment] = []
+
+    def close(self):
+        self.native.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- adapters ----
+
+    def attach(self, adapter: SparseAdapter, source: str = "adapter") -> Attachment:
+        """Apply `adapter` in every later forward. Its `values` array is read live:
+        writing into it changes the deltas without re-attaching."""
+        adapter.check_against(self.info, source)
+        slots = []
+        try:
+            for i, name in enumerate(adapter.names):
+                shape = self.info.tensors[name].shape
+                slots.append(self.native.add_sparse(name, shape, adapter.indices[i], adapter.weight_values(i)))
+        except BaseException:
+            for s in slots:
+                self.native.remove_sparse(s)
+            raise
+        att = Attachment(adapter, slots)
+        self.attachments.append(att)
+        return att
+
+    def detach(self, att: Attachment) -> None:
+        for s in att.slots:
+            self.native.remove_sparse(s)
+        self.attachments.remove(att)
+
+    # ---- losses ----
+
+    def loss(self, examples: list[Example]) -> LossResult:
+        """Per-example summed NLL of the target tokens, all in as few decodes as fit."""
+        if not examples:
+            raise InvalidInputError("no examples to evaluate")
+        tokens = np.concatenate([e.tokens for e in examples])
+        targets = np.concatenate([e.targets for e in examples])
+        start = np.cumsum([0] + [len(e.tokens) for e in examples]).astype(np.int32)
+        nll, count = self.native.loss(tokens, targets, start)
+        return LossResult(nll, count)
+
+    def accuracy(self, examples: list[Example]) -> float:
+        """Share of multiple-choice examples whose answer has the highest mean log-likelihood."""
+        flat = [c for e in examples for c in e.choices]
+        if not flat:
+            raise InvalidInputError("these examples have no 'choices'")
+        r = self.loss(flat)
+        per_token = r.nll / np.maximum(r.count, 1)
+        right, k = 0, 0
+        for e in examples:
+            scores = per_token[k: k + len(e.choices)]
+            right += int(np.argmin(scores) == e.answer)
+            k += len(e.choices)
+        return right / len(examples)
+
+    # ---- text ----
+
+    def generate(self, prompt: str, *, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 0.95,
+                 seed: int = 0, chat: bool = False):
+        """Yield text pieces as they are generated (with every attached adapter applied)."""
+        if chat:
+            prompt = self.native.apply_chat_template([{"role": "user", "content": prompt}], add_assistant=True)
+        ids = self.native.tokenize(prompt, add_special=True)
+        pending = b""
+        for tok in self.native.generate(ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed):
+            pending += self.native.token_piece(tok)
+            try:  # hold back bytes until they form whole UTF-8 characters
+                text = pending.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            pending = b""
+            yield text
+        if pending:
+            yield pending.decode("utf-8", "replace")

@@ -1,0 +1,651 @@
+/* edge-zo native core. See edge_zo.h for the contract.
+ *
+ * The sparse deltas S are applied through llama.cpp's scheduler eval callback:
+ * we answer "yes" for every MUL_MAT / MUL_MAT_ID / GET_ROWS node whose weight
+ * (src[0]) has sparse entries; the scheduler then computes the graph up to that
+ * node and hands it back to us, and we add S.x into its output before any later
+ * node reads it. The weight itself is never written (it may be mmapped or
+ * repacked); the values live in memory the Python side owns. */
+#include "edge_zo.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ggml-backend.h"
+#include "ggml.h"
+#include "llama.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Below this many multiply-adds a kernel runs on one thread: waking a team
+ * costs more than it saves. */
+#define EZ_PARALLEL_MIN_WORK 65536
+
+typedef struct ez_slot {
+    int64_t id;
+    char name[GGML_MAX_NAME];
+    int64_t n_in, n_out, n_expert;
+    int64_t n;
+    int32_t *rows;           /* e*n_out + row, non-decreasing */
+    int32_t *cols;
+    int64_t *expert_start;   /* n_expert+1 offsets into rows/cols */
+    const float *values;     /* borrowed from the caller */
+    struct ez_slot *next;
+} ez_slot;
+
+struct ez_model {
+    struct llama_model *model;
+    struct llama_context *ctx;
+    const struct llama_vocab *vocab;
+    struct llama_batch batch;
+    struct llama_sampler *sampler;
+    int32_t n_threads;
+    int32_t n_batch;
+    ez_slot *slots;
+    int64_t next_slot_id;
+    int64_t fallback_count;
+    /* An error raised inside the eval callback, reported after llama_decode. */
+    int cb_failed;
+    char cb_error[256];
+    /* Generation state. */
+    int gen_active;
+    int32_t gen_pos;
+};
+
+/* ---- errors and logging ------------------------------------------------- */
+
+static _Thread_local char ez_error[1024];
+static char ez_log_last[512]; /* last warning or error llama.cpp logged */
+static int ez_log_verbose;
+
+const char *ez_last_error(void) { return ez_error; }
+
+static int fail(int code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(ez_error, sizeof ez_error, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+static void ez_log(enum ggml_log_level level, const char *text, void *user_data) {
+    (void)user_data;
+    if (level == GGML_LOG_LEVEL_ERROR || level == GGML_LOG_LEVEL_WARN) {
+        snprintf(ez_log_last, sizeof ez_log_last, "%s", text);
+        size_t n = strlen(ez_log_last);
+        while (n > 0 && (ez_log_last[n - 1] == '\n' || ez_log_last[n - 1] == '\r')) ez_log_last[--n] = 0;
+    }
+    if (ez_log_verbose || level == GGML_LOG_LEVEL_ERROR) fputs(text, stderr);
+}
+
+static void callback_fail(ez_model *m, const char *fmt, ...) {
+    if (m->cb_failed) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(m->cb_error, sizeof m->cb_error, fmt, ap);
+    va_end(ap);
+    m->cb_failed = 1;
+}
+
+/* ---- tensor access ------------------------------------------------------ */
+
+/* Weights copied to another backend are named "CUDA0#blk.0.attn_q.weight#0". */
+static void weight_name(const char *name, char *out) {
+    const char *a = strchr(name, '#');
+    if (!a) {
+        snprintf(out, GGML_MAX_NAME, "%s", name);
+        return;
+    }
+    a++;
+    const char *b = strchr(a, '#');
+    size_t n = b ? (size_t)(b - a) : strlen(a);
+    if (n >= GGML_MAX_NAME) n = GGML_MAX_NAME - 1;
+    memcpy(out, a, n);
+    out[n] = 0;
+}
+
+static bool on_host(const struct ggml_tensor *t) {
+    return t->buffer == NULL || ggml_backend_buffer_is_host(t->buffer);
+}
+
+/* A host pointer to t's bytes: the tensor itself, or a copy (set *owned). */
+static void *host_bytes(ez_model *m, const struct ggml_tensor *t, void **owned) {
+    *owned = NULL;
+    if (on_host(t)) return t->data;
+    size_t n = ggml_nbytes(t);
+    void *p = malloc(n);
+    if (!p) return NULL;
+    ggml_backend_tensor_get(t, p, 0, n);
+    m->fallback_count++;
+    *owned = p;
+    return p;
+}
+
+/* ---- kernels ------------------------------------------------------------ */
+
+/* y[:, t] += S x[:, t] for every column t (token) of a 2-D-weight MUL_MAT. */
+static void kernel_mul_mat(const ez_slot *s, const char *x, const size_t *xnb, char *y,
+                           const size_t *ynb, const int64_t *ne, int n_threads) {
+    const int64_t n_tok = ne[1] * ne[2] * ne[3];
+    const int64_t n = s->n;
+    const int32_t *rows = s->rows, *cols = s->cols;
+    const float *v = s->values;
+    (void)n_threads;
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_tok * n >= EZ_PARALLEL_MIN_WORK)
+    for (int64_t t = 0; t < n_tok; t++) {
+        const int64_t i1 = t % ne[1], i2 = (t / ne[1]) % ne[2], i3 = t / (ne[1] * ne[2]);
+        const float *xr = (const float *)(x + i1 * xnb[1] + i2 * xnb[2] + i3 * xnb[3]);
+        float *yr = (float *)(y + i1 * ynb[1] + i2 * ynb[2] + i3 * ynb[3]);
+        for (int64_t k = 0; k < n; k++) yr[rows[k]] += v[k] * xr[cols[k]];
+    }
+}
+
+/* MUL_MAT_ID: y[:, k, t] += S_e x[:, k % ne11, t] with e = ids[k, t]. */
+static void kernel_mul_mat_id(const ez_slot *s, const char *x, const size_t *xnb, int64_t ne11,
+                              const char *ids, const size_t *inb, char *y, const size_t *ynb,
+                              int64_t n_used, int64_t n_tok, int n_threads) {
+    const float *v = s->values;
+    (void)n_threads;
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_tok * s->n >= EZ_PARALLEL_MIN_WORK)
+    for (int64_t t = 0; t < n_tok; t++) {
+        for (int64_t k = 0; k < n_used; k++) {
+            const int32_t e = *(const int32_t *)(ids + k * inb[0] + t * inb[1]);
+            if (e < 0 || e >= s->n_expert) continue;
+            const float *xr = (const float *)(x + (k % ne11) * xnb[1] + t * xnb[2]);
+            float *yr = (float *)(y + k * ynb[1] + t * ynb[2]);
+            const int32_t base = (int32_t)(e * s->n_out);
+            for (int64_t j = s->expert_start[e]; j < s->expert_start[e + 1]; j++)
+                yr[s->rows[j] - base] += v[j] * xr[s->cols[j]];
+        }
+    }
+}
+
+/* First entry whose row is >= row (rows are sorted). */
+static int64_t lower_bound(const int32_t *rows, int64_t n, int32_t row) {
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (rows[mid] < row) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+/* GET_ROWS: out[:, i] = W[ids[i], :], so add the entries of row ids[i]. */
+static void kernel_get_rows(const ez_slot *s, const char *ids, const size_t *inb, const int64_t *ine,
+                            char *y, const size_t *ynb) {
+    for (int64_t i2 = 0; i2 < ine[2]; i2++)
+        for (int64_t i1 = 0; i1 < ine[1]; i1++)
+            for (int64_t i0 = 0; i0 < ine[0]; i0++) {
+                const int32_t r = *(const int32_t *)(ids + i0 * inb[0] + i1 * inb[1] + i2 * inb[2]);
+                float *yr = (float *)(y + i0 * ynb[1] + i1 * ynb[2] + i2 * ynb[3]);
+                for (int64_t j = lower_bound(s->rows, s->n, r); j < s->n && s->rows[j] == r; j++)
+                    yr[s->cols[j]] += s->values[j];
+            }
+}
+
+/* ---- eval callback -------------------------------------------------------- */
+
+static bool is_observed_op(const struct ggml_tensor *t) {
+    return (t->op == GGML_OP_MUL_MAT || t->op == GGML_OP_MUL_MAT_ID || t->op == GGML_OP_GET_ROWS) &&
+           t->src[0] != NULL;
+}
+
+static ez_slot *first_slot(ez_model *m, const char *name) {
+    for (ez_slot *s = m->slots; s; s = s->next)
+        if (strcmp(s->name, name) == 0) return s;
+    return NULL;
+}
+
+static bool shape_matches(ez_model *m, const ez_slot *s, const struct ggml_tensor *w) {
+    if (w->ne[0] == s->n_in && w->ne[1] == s->n_out && w->ne[2] == s->n_expert) return true;
+    callback_fail(m, "weight %s has shape [%lld, %lld, %lld] but its sparse deltas were made for "
+                  "[%lld, %lld, %lld]", s->name, (long long)w->ne[0], (long long)w->ne[1],
+                  (long long)w->ne[2], (long long)s->n_in, (long long)s->n_out, (long long)s->n_expert);
+    return false;
+}
+
+static void apply(ez_model *m, struct ggml_tensor *t, const char *name) {
+    const struct ggml_tensor *w = t->src[0], *x = t->src[1], *ids = t->src[2];
+    if (t->type != GGML_TYPE_F32 || (t->op != GGML_OP_GET_ROWS && x->type != GGML_TYPE_F32)) {
+        callback_fail(m, "%s: sparse deltas need F32 activations (got %s)", name, ggml_type_name(t->type));
+        return;
+    }
+    if (t->nb[0] != sizeof(float) || (t->op != GGML_OP_GET_ROWS && x->nb[0] != sizeof(float))) {
+        callback_fail(m, "%s: activations with a strided first dimension are not supported", name);
+        return;
+    }
+    void *own_x = NULL, *own_y = NULL, *own_i = NULL;
+    char *y = host_bytes(m, t, &own_y);
+    const char *xb = NULL, *ib = NULL;
+    if (t->op == GGML_OP_GET_ROWS) ib = host_bytes(m, x, &own_i);
+    else xb = host_bytes(m, x, &own_x);
+    if (t->op == GGML_OP_MUL_MAT_ID) ib = host_bytes(m, ids, &own_i);
+    if (!y || (t->op == GGML_OP_GET_ROWS ? !ib : !xb) || (t->op == GGML_OP_MUL_MAT_ID && !ib)) {
+        callback_fail(m, "%s: out of memory copying activations to the host", name);
+        goto done;
+    }
+    for (ez_slot *s = m->slots; s; s = s->next) {
+        if (strcmp(s->name, name) != 0 || s->n == 0) continue;
+        if (!shape_matches(m, s, w)) goto done;
+        if (t->op == GGML_OP_MUL_MAT) {
+            if (s->n_expert != 1) {
+                callback_fail(m, "%s: 3-D weights in MUL_MAT are not supported", name);
+                goto done;
+            }
+            kernel_mul_mat(s, xb, x->nb, y, t->nb, t->ne, m->n_threads);
+        } else if (t->op == GGML_OP_MUL_MAT_ID) {
+            kernel_mul_mat_id(s, xb, x->nb, x->ne[1], ib, ids->nb, y, t->nb, t->ne[1], t->ne[2], m->n_threads);
+        } else {
+            if (x->type != GGML_TYPE_I32) {
+                callback_fail(m, "%s: GET_ROWS with non-I32 ids", name);
+                goto done;
+            }
+            kernel_get_rows(s, ib, x->nb, x->ne, y, t->nb);
+        }
+    }
+    if (own_y) ggml_backend_tensor_set(t, y, 0, ggml_nbytes(t));
+done:
+    free(own_x);
+    free(own_y);
+    free(own_i);
+}
+
+static bool eval_callback(struct ggml_tensor *t, bool ask, void *user_data) {
+    ez_model *m = user_data;
+    if (!m->slots || !is_observed_op(t)) return !ask; /* not ours: keep computing */
+    char name[GGML_MAX_NAME];
+    weight_name(t->src[0]->name, name);
+    if (!first_slot(m, name)) return !ask;
+    if (ask) return true;
+    apply(m, t, name);
+    return true;
+}
+
+/* ---- model lifecycle ------------------------------------------------------ */
+
+void ez_default_params(ez_model_params *p) {
+    p->n_ctx_seq = 512;
+    p->n_seq_max = 16;
+    p->n_batch = 2048;
+    p->n_ubatch = 512;
+    p->n_threads = 0;
+    p->n_gpu_layers = 0;
+    p->kv_f32 = 0;
+    p->flash_attn = -1;
+    p->verbose = 0;
+    p->extra_bufts = 0;
+}
+
+int ez_model_open(const char *path, const ez_model_params *p, ez_model **out) {
+    *out = NULL;
+    if (p->n_ctx_seq < 1 || p->n_seq_max < 1 || p->n_batch < 1 || p->n_ubatch < 1)
+        return fail(EZ_ERR_INVALID, "context sizes must be positive");
+    FILE *f = fopen(path, "rb");
+    if (!f) return fail(EZ_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    fclose(f);
+
+    static int backend_ready = 0;
+    ez_log_verbose = p->verbose;
+    llama_log_set(ez_log, NULL);
+    if (!backend_ready) {
+        llama_backend_init();
+        backend_ready = 1;
+    }
+
+    ez_model *m = calloc(1, sizeof *m);
+    if (!m) return fail(EZ_ERR_NOMEM, "out of memory");
+    m->next_slot_id = 1;
+
+    struct llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = p->n_gpu_layers;
+    /* Extra CPU buffer types (AMX, repacked layouts) are opt-in: llama.cpp 0c1e570's
+     * AMX kernels crash on some Sapphire Rapids VMs (seen on our CI machines). */
+    mp.use_extra_bufts = p->extra_bufts != 0;
+    ez_log_last[0] = 0;
+    m->model = llama_model_load_from_file(path, mp);
+    if (!m->model) {
+        free(m);
+        return fail(EZ_ERR_IO, "%s: llama.cpp could not load this GGUF%s%s", path,
+                    ez_log_last[0] ? ": " : "", ez_log_last);
+    }
+    m->vocab = llama_model_get_vocab(m->model);
+
+    struct llama_context_params cp = llama_context_default_params();
+    cp.n_seq_max = (uint32_t)p->n_seq_max;
+    cp.n_ctx = (uint32_t)p->n_ctx_seq * (uint32_t)p->n_seq_max;
+    cp.n_batch = (uint32_t)p->n_batch;
+    cp.n_ubatch = (uint32_t)(p->n_ubatch < p->n_batch ? p->n_ubatch : p->n_batch);
+    cp.kv_unified = false; /* per-sequence caches: batched == one by one */
+    cp.no_perf = true;
+    cp.cb_eval = eval_callback;
+    cp.cb_eval_user_data = m;
+    cp.flash_attn_type = (enum llama_flash_attn_type)p->flash_attn;
+    if (p->kv_f32) {
+        cp.type_k = GGML_TYPE_F32;
+        cp.type_v = GGML_TYPE_F32;
+    }
+    if (p->n_threads > 0) {
+        cp.n_threads = p->n_threads;
+        cp.n_threads_batch = p->n_threads;
+    }
+    m->ctx = llama_init_from_model(m->model, cp);
+    if (!m->ctx) {
+        llama_model_free(m->model);
+        free(m);
+        return fail(EZ_ERR_RUNTIME, "%s: llama.cpp could not create a context%s%s", path,
+                    ez_log_last[0] ? ": " : "", ez_log_last);
+    }
+    m->n_threads = cp.n_threads_batch > 0 ? cp.n_threads_batch : 1;
+    m->n_batch = (int32_t)llama_n_batch(m->ctx);
+    m->batch = llama_batch_init(m->n_batch, 0, 1);
+    *out = m;
+    return EZ_OK;
+}
+
+void ez_model_close(ez_model *m) {
+    if (!m) return;
+    ez_sparse_clear(m);
+    if (m->sampler) llama_sampler_free(m->sampler);
+    llama_batch_free(m->batch);
+    llama_free(m->ctx);
+    llama_model_free(m->model);
+    free(m);
+}
+
+int32_t ez_n_vocab(const ez_model *m) { return llama_vocab_n_tokens(m->vocab); }
+int32_t ez_n_ctx_seq(const ez_model *m) { return (int32_t)llama_n_ctx_seq(m->ctx); }
+int32_t ez_n_seq_max(const ez_model *m) { return (int32_t)llama_n_seq_max(m->ctx); }
+int32_t ez_n_batch(const ez_model *m) { return m->n_batch; }
+int32_t ez_token_bos(const ez_model *m) { return llama_vocab_bos(m->vocab); }
+int32_t ez_token_eos(const ez_model *m) { return llama_vocab_eos(m->vocab); }
+int ez_token_is_eog(const ez_model *m, int32_t token) { return llama_vocab_is_eog(m->vocab, token); }
+int ez_add_bos(const ez_model *m) { return llama_vocab_get_add_bos(m->vocab); }
+int64_t ez_fallback_count(const ez_model *m) { return m->fallback_count; }
+
+/* ---- text ----------------------------------------------------------------- */
+
+int ez_tokenize(const ez_model *m, const char *text, int32_t len, int add_special, int parse_special,
+                int32_t *out, int32_t cap, int32_t *n_out) {
+    int32_t n = llama_tokenize(m->vocab, text, len, out, cap, add_special != 0, parse_special != 0);
+    if (n == INT32_MIN) return fail(EZ_ERR_INVALID, "text too long to tokenize");
+    if (n < 0) {
+        *n_out = -n;
+        return fail(EZ_ERR_NOMEM, "token buffer too small: need %d", -n);
+    }
+    *n_out = n;
+    return EZ_OK;
+}
+
+int ez_token_piece(const ez_model *m, int32_t token, char *buf, int32_t cap, int32_t *n_out) {
+    if (token < 0 || token >= ez_n_vocab(m)) return fail(EZ_ERR_INVALID, "token %d out of range", token);
+    int32_t n = llama_token_to_piece(m->vocab, token, buf, cap, 0, false);
+    if (n < 0) {
+        *n_out = -n;
+        return fail(EZ_ERR_NOMEM, "piece buffer too small: need %d", -n);
+    }
+    *n_out = n;
+    return EZ_OK;
+}
+
+int ez_chat_template(const ez_model *m, const char **roles, const char **contents, int32_t n_msg,
+                     int add_assistant, char *buf, int32_t cap, int32_t *n_out) {
+    const char *tmpl = llama_model_chat_template(m->model, NULL);
+    if (!tmpl) return fail(EZ_ERR_INVALID, "the model has no chat template (tokenizer.chat_template)");
+    struct llama_chat_message *msgs = calloc((size_t)(n_msg > 0 ? n_msg : 1), sizeof *msgs);
+    if (!msgs) return fail(EZ_ERR_NOMEM, "out of memory");
+    for (int32_t i = 0; i < n_msg; i++) {
+        msgs[i].role = roles[i];
+        msgs[i].content = contents[i];
+    }
+    int32_t n = llama_chat_apply_template(tmpl, msgs, (size_t)n_msg, add_assistant != 0, buf, cap);
+    free(msgs);
+    if (n < 0)
+        return fail(EZ_ERR_INVALID, "llama.cpp does not support this model's chat template "
+                    "(only its built-in templates are understood)");
+    *n_out = n;
+    if (n > cap) return fail(EZ_ERR_NOMEM, "chat buffer too small: need %d", n);
+    return EZ_OK;
+}
+
+/* ---- sparse slots ------------------------------------------------------- */
+
+static void slot_free(ez_slot *s) {
+    free(s->rows);
+    free(s->cols);
+    free(s->expert_start);
+    free(s);
+}
+
+int ez_sparse_add(ez_model *m, const char *name, int64_t n_in, int64_t n_out, int64_t n_expert,
+                  const int64_t *idx, const float *values, int64_t n, int64_t *slot) {
+    if (!name || strlen(name) >= GGML_MAX_NAME) return fail(EZ_ERR_INVALID, "bad weight name");
+    if (n_in < 1 || n_out < 1 || n_expert < 1) return fail(EZ_ERR_INVALID, "%s: bad shape", name);
+    if (n_out * n_expert > INT32_MAX || n_in > INT32_MAX)
+        return fail(EZ_ERR_INVALID, "%s: too many rows for 32-bit row indices", name);
+    if (n < 0 || (n > 0 && (!idx || !values))) return fail(EZ_ERR_INVALID, "%s: no entries given", name);
+    const int64_t total = n_in * n_out * n_expert;
+    for (int64_t i = 0; i < n; i++) {
+        if (idx[i] < 0 || idx[i] >= total)
+            return fail(EZ_ERR_INVALID, "%s: index %lld (entry %lld) is outside the weight's %lld elements",
+                        name, (long long)idx[i], (long long)i, (long long)total);
+        if (i > 0 && idx[i] <= idx[i - 1])
+            return fail(EZ_ERR_INVALID, "%s: indices must be strictly increasing (entry %lld)", name, (long long)i);
+    }
+    ez_slot *s = calloc(1, sizeof *s);
+    if (!s) return fail(EZ_ERR_NOMEM, "out of memory");
+    s->rows = malloc((size_t)(n > 0 ? n : 1) * sizeof *s->rows);
+    s->cols = malloc((size_t)(n > 0 ? n : 1) * sizeof *s->cols);
+    s->expert_start = calloc((size_t)n_expert + 1, sizeof *s->expert_start);
+    if (!s->rows || !s->cols || !s->expert_start) {
+        slot_free(s);
+        return fail(EZ_ERR_NOMEM, "out of memory");
+    }
+    snprintf(s->name, sizeof s->name, "%s", name);
+    s->n_in = n_in;
+    s->n_out = n_out;
+    s->n_expert = n_expert;
+    s->n = n;
+    s->values = values;
+    for (int64_t i = 0; i < n; i++) {
+        s->rows[i] = (int32_t)(idx[i] / n_in);
+        s->cols[i] = (int32_t)(idx[i] % n_in);
+        s->expert_start[s->rows[i] / n_out + 1]++;
+    }
+    for (int64_t e = 0; e < n_expert; e++) s->expert_start[e + 1] += s->expert_start[e];
+    s->id = m->next_slot_id++;
+    s->next = m->slots;
+    m->slots = s;
+    *slot = s->id;
+    return EZ_OK;
+}
+
+int ez_sparse_remove(ez_model *m, int64_t slot) {
+    for (ez_slot **p = &m->slots; *p; p = &(*p)->next) {
+        if ((*p)->id == slot) {
+            ez_slot *s = *p;
+            *p = s->next;
+            slot_free(s);
+            return EZ_OK;
+        }
+    }
+    return fail(EZ_ERR_INVALID, "no sparse slot %lld", (long long)slot);
+}
+
+void ez_sparse_clear(ez_model *m) {
+    while (m->slots) {
+        ez_slot *s = m->slots;
+        m->slots = s->next;
+        slot_free(s);
+    }
+}
+
+/* ---- decoding ------------------------------------------------------------- */
+
+static int decode(ez_model *m) {
+    m->cb_failed = 0;
+    ez_log_last[0] = 0;
+    int32_t rc = llama_decode(m->ctx, m->batch);
+    if (m->cb_failed) return fail(EZ_ERR_INVALID, "%s", m->cb_error);
+    if (rc != 0)
+        return fail(EZ_ERR_RUNTIME, "llama_decode failed with code %d%s%s", rc, ez_log_last[0] ? ": " : "",
+                    ez_log_last);
+    return EZ_OK;
+}
+
+static void batch_add(struct llama_batch *b, int32_t token, int32_t pos, int32_t seq, bool logits) {
+    b->token[b->n_tokens] = token;
+    b->pos[b->n_tokens] = pos;
+    b->n_seq_id[b->n_tokens] = 1;
+    b->seq_id[b->n_tokens][0] = seq;
+    b->logits[b->n_tokens] = logits;
+    b->n_tokens++;
+}
+
+/* -log softmax(logits)[target], accumulated in double. */
+static double token_nll(const float *logits, int32_t n_vocab, int32_t target) {
+    float mx = logits[0];
+    for (int32_t i = 1; i < n_vocab; i++) mx = logits[i] > mx ? logits[i] : mx;
+    double sum = 0.0;
+    for (int32_t i = 0; i < n_vocab; i++) sum += exp((double)(logits[i] - mx));
+    return log(sum) + (double)mx - (double)logits[target];
+}
+
+int ez_loss(ez_model *m, const int32_t *tokens, const uint8_t *target, const int32_t *seq_start,
+            int32_t n_seq, double *nll, int32_t *count) {
+    const int32_t n_vocab = ez_n_vocab(m), n_ctx_seq = ez_n_ctx_seq(m), n_seq_max = ez_n_seq_max(m);
+    if (n_seq < 1 || seq_start[0] != 0) return fail(EZ_ERR_INVALID, "no sequences given");
+    for (int32_t s = 0; s < n_seq; s++) {
+        const int32_t len = seq_start[s + 1] - seq_start[s];
+        if (len < 1) return fail(EZ_ERR_INVALID, "sequence %d is empty", s);
+        if (len > n_ctx_seq || len > m->n_batch)
+            return fail(EZ_ERR_INVALID, "sequence %d has %d tokens; this context holds %d per sequence", s, len,
+                        n_ctx_seq < m->n_batch ? n_ctx_seq : m->n_batch);
+        if (target[seq_start[s]]) return fail(EZ_ERR_INVALID, "sequence %d: its first token cannot be a target", s);
+        for (int32_t i = seq_start[s]; i < seq_start[s + 1]; i++)
+            if (tokens[i] < 0 || tokens[i] >= n_vocab)
+                return fail(EZ_ERR_INVALID, "sequence %d: token %d out of range", s, tokens[i]);
+        nll[s] = 0.0;
+        count[s] = 0;
+    }
+    int32_t *out_seq = malloc((size_t)m->n_batch * sizeof *out_seq);
+    int32_t *out_tok = malloc((size_t)m->n_batch * sizeof *out_tok);
+    int32_t *out_idx = malloc((size_t)m->n_batch * sizeof *out_idx);
+    double *out_nll = malloc((size_t)m->n_batch * sizeof *out_nll);
+    int rc = EZ_OK;
+    if (!out_seq || !out_tok || !out_idx || !out_nll) {
+        rc = fail(EZ_ERR_NOMEM, "out of memory");
+        goto done;
+    }
+    /* Whole sequences per decode; as many as fit in n_batch and n_seq_max. */
+    for (int32_t s0 = 0; s0 < n_seq && rc == EZ_OK;) {
+        int32_t s1 = s0, n_tok = 0, n_out = 0;
+        m->batch.n_tokens = 0;
+        while (s1 < n_seq && s1 - s0 < n_seq_max && n_tok + seq_start[s1 + 1] - seq_start[s1] <= m->n_batch) {
+            const int32_t a = seq_start[s1], len = seq_start[s1 + 1] - a;
+            for (int32_t p = 0; p < len; p++) {
+                const bool want = p + 1 < len && target[a + p + 1];
+                if (want) {
+                    out_seq[n_out] = s1;
+                    out_tok[n_out] = tokens[a + p + 1];
+                    out_idx[n_out] = m->batch.n_tokens;
+                    n_out++;
+                }
+                batch_add(&m->batch, tokens[a + p], p, s1 - s0, want);
+            }
+            n_tok += len;
+            s1++;
+        }
+        /* Changed weights invalidate every cached key and value. */
+        llama_memory_clear(llama_get_memory(m->ctx), true);
+        m->gen_active = 0;
+        if (n_out > 0) { /* a chunk without targets needs no forward at all */
+            rc = decode(m);
+            if (rc != EZ_OK) break;
+            const float **rows = malloc((size_t)n_out * sizeof *rows);
+            if (!rows) {
+                rc = fail(EZ_ERR_NOMEM, "out of memory");
+                break;
+            }
+            for (int32_t i = 0; i < n_out && rc == EZ_OK; i++) {
+                rows[i] = llama_get_logits_ith(m->ctx, out_idx[i]);
+                if (!rows[i]) rc = fail(EZ_ERR_RUNTIME, "llama.cpp returned no logits for batch position %d", out_idx[i]);
+            }
+            if (rc == EZ_OK) {
+#pragma omp parallel for num_threads(m->n_threads) schedule(static)
+                for (int32_t i = 0; i < n_out; i++) out_nll[i] = token_nll(rows[i], n_vocab, out_tok[i]);
+                for (int32_t i = 0; i < n_out; i++) {
+                    nll[out_seq[i]] += out_nll[i];
+                    count[out_seq[i]]++;
+                }
+            }
+            free(rows);
+        }
+        s0 = s1;
+    }
+done:
+    free(out_seq);
+    free(out_tok);
+    free(out_idx);
+    free(out_nll);
+    return rc;
+}
+
+/* ---- generation ---------------------------------------------------------- */
+
+int ez_generate_begin(ez_model *m, const int32_t *prompt, int32_t n, float temperature, float top_p, uint32_t seed) {
+    const int32_t n_vocab = ez_n_vocab(m);
+    if (n < 1) return fail(EZ_ERR_INVALID, "the prompt is empty");
+    if (n >= ez_n_ctx_seq(m)) return fail(EZ_ERR_INVALID, "the prompt has %d tokens; the context holds %d", n, ez_n_ctx_seq(m));
+    for (int32_t i = 0; i < n; i++)
+        if (prompt[i] < 0 || prompt[i] >= n_vocab) return fail(EZ_ERR_INVALID, "prompt token %d out of range", prompt[i]);
+    if (m->sampler) llama_sampler_free(m->sampler);
+    m->sampler = llama_sampler_chain_init(llama_sampler_chain_default_params());
+    if (!m->sampler) return fail(EZ_ERR_NOMEM, "could not create a sampler");
+    if (temperature <= 0.0f) {
+        llama_sampler_chain_add(m->sampler, llama_sampler_init_greedy());
+    } else {
+        llama_sampler_chain_add(m->sampler, llama_sampler_init_top_p(top_p, 1));
+        llama_sampler_chain_add(m->sampler, llama_sampler_init_temp(temperature));
+        llama_sampler_chain_add(m->sampler, llama_sampler_init_dist(seed));
+    }
+    llama_memory_clear(llama_get_memory(m->ctx), true);
+    m->gen_active = 0;
+    for (int32_t a = 0; a < n; a += m->n_batch) {
+        const int32_t b = a + m->n_batch < n ? a + m->n_batch : n;
+        m->batch.n_tokens = 0;
+        for (int32_t i = a; i < b; i++) batch_add(&m->batch, prompt[i], i, 0, i == n - 1);
+        int rc = decode(m);
+        if (rc != EZ_OK) return rc;
+    }
+    m->gen_pos = n;
+    m->gen_active = 1;
+    return EZ_OK;
+}
+
+int ez_generate_next(ez_model *m, int32_t *token) {
+    *token = -1;
+    if (!m->gen_active) return EZ_OK;
+    const int32_t tok = llama_sampler_sample(m->sampler, m->ctx, -1);
+    if (llama_vocab_is_eog(m->vocab, tok) || m->gen_pos >= ez_n_ctx_seq(m)) {
+        m->gen_active = 0;
+        if (llama_vocab_is_eog(m->vocab, tok)) return EZ_OK;
+    }
+    *token = tok;
+    if (!m->gen_active) return EZ_OK;
+    m->batch.n_tokens = 0;
+    batch_add(&m->batch, tok, m->gen_pos, 0, true);
+    int rc = decode(m);
+    if (rc != EZ_OK) {
+        m->gen_active = 0;
+        return rc;
+    }
+    m->gen_pos++;
+    return EZ_OK;
+}

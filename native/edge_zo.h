@@ -1,0 +1,76 @@
+/* edge-zo native core: sparse weight deltas inside llama.cpp forward passes.
+ *
+ * This header is both what edge_zo.c includes and what the cffi builder
+ * declares (it strips the preprocessor lines), so the two never drift.
+ * Every name carries the ez_ prefix. Functions return EZ_OK or an error
+ * code; ez_last_error() then holds a message for this thread. */
+#ifndef EDGE_ZO_H
+#define EDGE_ZO_H
+#include <stddef.h>
+#include <stdint.h>
+
+#define EZ_OK 0
+#define EZ_ERR_IO 1
+#define EZ_ERR_INVALID 2
+#define EZ_ERR_RUNTIME 3
+#define EZ_ERR_NOMEM 4
+
+typedef struct ez_model ez_model;
+
+typedef struct ez_model_params {
+    int32_t n_ctx_seq;    /* tokens of context per sequence */
+    int32_t n_seq_max;    /* sequences evaluated in one llama_decode */
+    int32_t n_batch;      /* tokens submitted to one llama_decode */
+    int32_t n_ubatch;     /* tokens computed in one graph */
+    int32_t n_threads;    /* 0: llama.cpp's default */
+    int32_t n_gpu_layers; /* layers offloaded to a GPU backend, if any */
+    int32_t kv_f32;       /* 1: F32 KV cache instead of F16 */
+    int32_t flash_attn;   /* -1 auto, 0 off, 1 on */
+    int32_t verbose;      /* 1: pass llama.cpp's info log through */
+    int32_t extra_bufts;  /* 1: allow llama.cpp's repacked/AMX CPU weight buffers */
+} ez_model_params;
+
+void ez_default_params(ez_model_params *params);
+const char *ez_last_error(void);
+
+int ez_model_open(const char *path, const ez_model_params *params, ez_model **out);
+void ez_model_close(ez_model *m);
+
+int32_t ez_n_vocab(const ez_model *m);
+int32_t ez_n_ctx_seq(const ez_model *m);
+int32_t ez_n_seq_max(const ez_model *m);
+int32_t ez_n_batch(const ez_model *m);
+int32_t ez_token_bos(const ez_model *m);
+int32_t ez_token_eos(const ez_model *m);
+int ez_token_is_eog(const ez_model *m, int32_t token);
+int ez_add_bos(const ez_model *m);
+/* Non-host buffers seen by the sparse path so far (generic get/set fallback). */
+int64_t ez_fallback_count(const ez_model *m);
+
+/* Text. *n_out receives the needed size when cap is too small (EZ_ERR_NOMEM). */
+int ez_tokenize(const ez_model *m, const char *text, int32_t len, int add_special,
+                int parse_special, int32_t *out, int32_t cap, int32_t *n_out);
+int ez_token_piece(const ez_model *m, int32_t token, char *buf, int32_t cap, int32_t *n_out);
+int ez_chat_template(const ez_model *m, const char **roles, const char **contents,
+                     int32_t n_msg, int add_assistant, char *buf, int32_t cap, int32_t *n_out);
+
+/* Sparse deltas. A slot adds values[i] at flat index idx[i] = (e*n_out + row)*n_in + col
+ * of weight `name` (GGUF shape [n_in, n_out, n_expert]). idx is copied; `values`
+ * is borrowed: the caller keeps it alive and may change it between forwards. */
+int ez_sparse_add(ez_model *m, const char *name, int64_t n_in, int64_t n_out, int64_t n_expert,
+                  const int64_t *idx, const float *values, int64_t n, int64_t *slot);
+int ez_sparse_remove(ez_model *m, int64_t slot);
+void ez_sparse_clear(ez_model *m);
+
+/* Loss oracle. Sequence s is tokens[seq_start[s] .. seq_start[s+1]); a token with
+ * target[i] != 0 (never the first of its sequence) is predicted from the one before.
+ * nll[s] is the summed negative log-likelihood of its targets, count[s] how many. */
+int ez_loss(ez_model *m, const int32_t *tokens, const uint8_t *target,
+            const int32_t *seq_start, int32_t n_seq, double *nll, int32_t *count);
+
+/* Generation: begin with a prompt, then call next until *token is -1. */
+int ez_generate_begin(ez_model *m, const int32_t *prompt, int32_t n, float temperature,
+                      float top_p, uint32_t seed);
+int ez_generate_next(ez_model *m, int32_t *token);
+
+#endif
