@@ -62,6 +62,7 @@ class NativeModel:
     """A llama.cpp model and context with sparse deltas applied in every forward."""
 
     def __init__(self, path: str, params: ContextParams = ContextParams()):
+        self._m = None
         p = ffi.new("ez_model_params *")
         lib.ez_default_params(p)
         for field in ContextParams.__dataclass_fields__:

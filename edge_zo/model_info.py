@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .constants import BLOCK_MATMUL_SUFFIXES, OUTPUT, TOKEN_EMBD, General
 from .errors import ModelFileError
+from .gguf_header import GGUFHeader, read_header
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class ModelInfo:
     architecture: str
     file_type: int | None
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    header: GGUFHeader | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, path: str | Path) -> "ModelInfo":
@@ -42,18 +44,22 @@ class ModelInfo:
         if not path.is_file():
             raise ModelFileError(f"{path}: no such model file. Pass the path of a .gguf model.")
         try:
-            reader = gguf.GGUFReader(path)
-        except Exception as exc:  # gguf raises ValueError/struct.error/... on corrupt files
+            header = read_header(path)
+        except (OSError, ValueError) as exc:
             raise ModelFileError(f"{path}: not a readable GGUF file ({exc}). Re-download or re-convert it.") from exc
-        arch = _field(reader, General.ARCHITECTURE)
-        if not isinstance(arch, str):
-            raise ModelFileError(f"{path}: GGUF file has no {General.ARCHITECTURE} key; it is not a model")
-        tensors = {
-            t.name: TensorInfo(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name)
-            for t in reader.tensors
-        }
-        ftype = _field(reader, General.FILE_TYPE)
-        return cls(path, arch, int(ftype) if ftype is not None else None, tensors)
+        arch = header.get(General.ARCHITECTURE)
+        if not isinstance(arch, str) or header.get(General.TYPE, "model") != "model":
+            raise ModelFileError(f"{path}: this GGUF is not a model ({General.ARCHITECTURE}={arch!r}, "
+                                 f"{General.TYPE}={header.get(General.TYPE)!r})")
+        tensors = {}
+        for t in header.tensors:
+            try:
+                type_name = gguf.GGMLQuantizationType(t.type).name
+            except ValueError:
+                type_name = f"type{t.type}"
+            tensors[t.name] = TensorInfo(t.name, tuple(reversed(t.shape)), type_name)
+        ftype = header.get(General.FILE_TYPE)
+        return cls(path, arch, int(ftype) if ftype is not None else None, tensors, header)
 
     @property
     def tied_embeddings(self) -> bool:
@@ -76,8 +82,3 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _field(reader, key):
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    return f.contents()

@@ -1,0 +1,124 @@
+"""The native runtime on real llama.cpp: deltas through the eval callback must
+act exactly like edited weights, batching must not change results."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_zo.adapter import SparseAdapter
+from edge_zo.dataset import Example, Tokenizer, load_jsonl
+from edge_zo.runtime import Runtime, RuntimeOptions
+
+from .conftest import FACTS, write_jsonl
+
+OPTS = RuntimeOptions(batch_size=8, max_tokens=64, kv_f32=True)
+
+
+def _examples(rt: Runtime, tmp_path) -> list[Example]:
+    data = load_jsonl(write_jsonl(tmp_path / "facts.jsonl", FACTS))
+    return Tokenizer(rt.native, max_tokens=64).examples(data)
+
+
+def _coords(rng, shape, n, rows=None):
+    n_out, n_in = shape
+    r = rng.choice(rows, n) if rows is not None else rng.integers(0, n_out, n)
+    c = rng.integers(0, n_in, n)
+    idx = np.unique(r.astype(np.int64) * n_in + c)
+    return idx, rng.choice([-1.0, 1.0], len(idx)).astype(np.float32) * 4.0
+
+
+def _total(rt, examples):
+    return float(rt.loss(examples).nll.sum())
+
+
+@pytest.mark.parametrize("name", [
+    "blk.1.attn_q.weight", "blk.1.attn_k.weight", "blk.1.attn_v.weight", "blk.1.attn_output.weight",
+    "blk.0.ffn_gate.weight", "blk.0.ffn_up.weight", "blk.0.ffn_down.weight", "output.weight",
+])
+def test_deltas_match_edited_weights(tiny_untied, tmp_path, name):
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    shape = tiny_untied.weights[name].shape
+    with Runtime(tiny_untied.path, OPTS) as rt:
+        ex = _examples(rt, tmp_path)
+        rows = np.unique(np.concatenate([e.tokens for e in ex])) if name == "output.weight" else None
+        idx, val = _coords(rng, shape, 24, rows)
+        base = _total(rt, ex)
+        rt.attach(SparseAdapter.from_weights("llama", {name: (idx, val)}))
+        via_adapter = _total(rt, ex)
+    with Runtime(tiny_untied.edited(tmp_path / "edited.gguf", {name: (idx, val)}), OPTS) as rt:
+        edited = _total(rt, ex)
+    # A wrong row or column moves the loss elsewhere: shift every coordinate by one row.
+    n_in = shape[1]
+    shifted = (idx + n_in) % tiny_untied.weights[name].size
+    with Runtime(tiny_untied.edited(tmp_path / "shifted.gguf", {name: (shifted, val)}), OPTS) as rt:
+        wrong = _total(rt, ex)
+    effect = abs(edited - base)
+    assert effect > 5e-3, f"the deltas barely move the loss ({effect}); the test would prove nothing"
+    assert abs(via_adapter - edited) <= 0.02 * effect
+    assert abs(wrong - edited) > 10 * abs(via_adapter - edited)
+
+
+def test_tied_embedding_delta_acts_on_lookup_and_output(tiny, tmp_path):
+    rng = np.random.default_rng(7)
+    name = "token_embd.weight"
+    with Runtime(tiny.path, OPTS) as rt:
+        ex = _examples(rt, tmp_path)
+        used = np.unique(np.concatenate([e.tokens for e in ex]))
+        idx, val = _coords(rng, tiny.weights[name].shape, 40, used)
+        base = _total(rt, ex)
+        rt.attach(SparseAdapter.from_weights("llama", {name: (idx, val)}))
+        via_adapter = _total(rt, ex)
+    with Runtime(tiny.edited(tmp_path / "edited.gguf", {name: (idx, val)}), OPTS) as rt:
+        edited = _total(rt, ex)
+    effect = abs(edited - base)
+    assert effect > 1e-2
+    assert abs(via_adapter - edited) <= 0.02 * effect
+
+
+def test_adapters_stack_and_values_are_read_live(tiny_untied, tmp_path):
+    name = "blk.0.ffn_up.weight"
+    idx = np.array([3, 70, 500, 4000], np.int64)
+    with Runtime(tiny_untied.path, OPTS) as rt:
+        ex = _examples(rt, tmp_path)
+        base = _total(rt, ex)
+        a = SparseAdapter.from_weights("llama", {name: (idx, np.full(4, 0.75, np.float32))})
+        b = SparseAdapter.from_weights("llama", {name: (idx, np.full(4, 0.75, np.float32))})
+        both = SparseAdapter.from_weights("llama", {name: (idx, np.full(4, 1.5, np.float32))})
+        att_a, att_b = rt.attach(a), rt.attach(b)
+        stacked = _total(rt, ex)
+        rt.detach(att_a)
+        rt.detach(att_b)
+        assert _total(rt, ex) == base
+        att = rt.attach(both)
+        summed = _total(rt, ex)
+        assert stacked == pytest.approx(summed, abs=1e-4 * abs(summed - base))
+        both.values[:] = 0.0          # changed in place: the next forward sees it
+        assert _total(rt, ex) == base
+        rt.detach(att)
+
+
+def test_batched_equals_one_by_one_quantized(tiny_q4, tmp_path):
+    with Runtime(tiny_q4.path, RuntimeOptions(batch_size=4, max_tokens=64)) as rt:
+        ex = _examples(rt, tmp_path) * 2  # more sequences than fit in one decode
+        together = rt.loss(ex)
+        alone = [rt.loss([e]) for e in ex]
+    assert np.array_equal(together.nll, np.array([r.nll[0] for r in alone]))
+    assert np.array_equal(together.count, np.array([r.count[0] for r in alone]))
+
+
+def test_batched_equals_one_by_one_f32(tiny, tmp_path):
+    # F32 matmuls pick their tiling by batch width, so sums may differ in the last bits.
+    with Runtime(tiny.path, RuntimeOptions(batch_size=8, max_tokens=64)) as rt:
+        ex = _examples(rt, tmp_path)
+        together = rt.loss(ex)
+        alone = np.array([rt.loss([e]).nll[0] for e in ex])
+    np.testing.assert_allclose(together.nll, alone, rtol=1e-9)
+
+
+def test_loss_matches_numpy_log_softmax_definition(tiny_q4, tmp_path):
+    """Targets and counts follow the examples' masks: a text row scores every token after the first."""
+    with Runtime(tiny_q4.path, OPTS) as rt:
+        ex = _examples(rt, tmp_path)
+        r = rt.loss(ex)
+    assert list(r.count) == [e.n_targets for e in ex]
+    assert np.all(r.nll > 0)
