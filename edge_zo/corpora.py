@@ -221,8 +221,10 @@ def _clean_email(raw: str, body_chars: int = 300) -> str | None:
     body = _clip(" ".join(" ".join(lines).split()), body_chars)
     subject = " ".join(_LIST_TAG.sub("", subject).split())
     text = f"Subject: {subject}\n\n{body}"
-    # Left out: near-empty bodies, text in a charset that did not decode, and undecoded blobs (base64).
-    if len(body) < 20 or "\ufffd" in text or body.count(" ") < len(body) / 20:
+    # Left out: near-empty bodies, text in a charset that did not decode, undecoded blobs (base64)
+    # and the few non-English messages (mostly Chinese and Korean spam), so the task stays English.
+    if (len(body) < 20 or "\ufffd" in text or body.count(" ") < len(body) / 20
+            or sum(c.isascii() for c in text) < 0.95 * len(text)):
         return None
     return text
 
