@@ -7,9 +7,10 @@ from ..adapter import SparseAdapter
 from ..runtime import Runtime, RuntimeOptions
 
 
-def add_runtime_options(p: argparse.ArgumentParser) -> None:
+def add_runtime_options(p: argparse.ArgumentParser, batch_size: bool = True) -> None:
     g = p.add_argument_group("runtime")
-    g.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass (default 16)")
+    if batch_size:
+        g.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass (default 16)")
     g.add_argument("--max-tokens", type=int, default=None, help="tokens per sequence; longer rows are cut (default 512)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core)")
     g.add_argument("--gpu-layers", type=int, default=None, help="layers to offload to a GPU backend (default 0)")
@@ -26,7 +27,7 @@ def runtime_options(args, **overrides) -> RuntimeOptions:
     d = RuntimeOptions()
     pick = lambda v, default: default if v is None else v  # noqa: E731
     return RuntimeOptions(
-        batch_size=overrides.get("batch_size", pick(args.batch_size, d.batch_size)),
+        batch_size=overrides.get("batch_size", pick(getattr(args, "batch_size", None), d.batch_size)),
         max_tokens=overrides.get("max_tokens", pick(args.max_tokens, d.max_tokens)),
         threads=pick(args.threads, d.threads),
         gpu_layers=pick(args.gpu_layers, d.gpu_layers),

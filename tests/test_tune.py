@@ -1,0 +1,167 @@
+"""`edge-zo tune` on a tiny model: it learns, it is deterministic, it resumes,
+and its trajectory replays to the saved deltas."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from edge_zo import run_dir, spsa
+from edge_zo.adapter import SparseAdapter
+from edge_zo.cli import main as cli
+from edge_zo.runtime import Runtime
+from edge_zo.trainer import LoopConfig
+
+from .conftest import write_jsonl
+
+TOY = [{"prompt": f"Note {i}: my dog is called", "completion": " Rex"} for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory, tiny_q4):
+    """A toy task and a sidecar: the answer's embedding row plus 1% of every block matmul."""
+    root = tmp_path_factory.mktemp("toy")
+    data = write_jsonl(root / "toy.jsonl", TOY)
+    rng = np.random.default_rng(0)
+    with Runtime(tiny_q4.path) as rt:
+        info = rt.info
+        answer = rt.native.tokenize(" Rex", add_special=False)
+    weights = {}
+    for name in info.block_matmul_weights():
+        n = info.tensors[name].n_elements
+        idx = np.unique(rng.integers(0, n, n // 100))
+        weights[name] = (idx, np.zeros(len(idx), np.float32))
+    n_embd = info.tensors["token_embd.weight"].shape[1]
+    emb = np.concatenate([t * n_embd + np.arange(n_embd) for t in answer])
+    weights["token_embd.weight"] = (emb, np.zeros(len(emb), np.float32))
+    sidecar = root / "sidecar.gguf"
+    SparseAdapter.from_weights(info.architecture, weights).save(sidecar)
+    return {"model": tiny_q4.path, "data": data, "sidecar": sidecar}
+
+
+def _tune(toy, out, *extra):
+    argv = ["tune", str(toy["model"]), str(toy["data"]), "--sidecar", str(toy["sidecar"]), "-o", str(out),
+            "--quiet", "--lr", "1e-2", "--eval-every", "10", *extra]
+    return cli(argv)
+
+
+def _theta(out):
+    with np.load(out / run_dir.CHECKPOINT) as z:
+        return z["theta"].copy()
+
+
+def test_learns_toy_task_and_writes_run_folder(toy, tmp_path):
+    out = tmp_path / "run"
+    assert _tune(toy, out, "--steps", "40") == 0
+    rows = run_dir.read_metrics(out)
+    valid = [r["valid_loss"] for r in rows if "valid_loss" in r]
+    assert valid[0] > 9.0 and valid[-1] < valid[0] - 5.0, valid
+    for name in ("deltas.gguf", "run.json", "metrics.jsonl", "loss.png", "trajectory.json", "checkpoint.npz"):
+        assert (out / name).is_file(), name
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["seed"] == 0 and len(run["model_sha256"]) == 64
+    train = [r for r in rows if "projected_grad" in r]
+    assert {"step", "loss", "projected_grad", "eps", "lr", "tokens_per_s", "peak_rss_mib"} <= set(train[0])
+    # The tuned deltas, used as an adapter, carry what was learned.
+    assert cli(["eval", str(toy["model"]), str(toy["data"]), "--adapter", str(toy["sidecar"]),
+                "--adapter", str(out / "deltas.gguf")]) == 0
+
+
+def test_same_seed_same_deltas_and_trajectory_replays(toy, tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert _tune(toy, a, "--steps", "12", "--optimizer", "adam", "--lr", "1e-3") == 0
+    assert _tune(toy, b, "--steps", "12", "--optimizer", "adam", "--lr", "1e-3") == 0
+    assert _tune(toy, c, "--steps", "12", "--optimizer", "adam", "--lr", "1e-3", "--seed", "1") == 0
+    assert np.array_equal(_theta(a), _theta(b))
+    assert not np.array_equal(_theta(a), _theta(c))
+    traj = json.loads((a / "trajectory.json").read_text())
+    cfg = LoopConfig(steps=12, lr=1e-3, optimizer=spsa.Optimizer.ADAM)
+    replayed = spsa.replay(np.zeros(len(_theta(a)), np.float32), traj["scalars"], seed=traj["seed"],
+                           optimizer=spsa.Optimizer.ADAM, lr_at=cfg.lr_at)
+    assert np.array_equal(replayed, _theta(a))
+    saved = SparseAdapter.load(a / "deltas.gguf").values
+    assert np.array_equal(saved, replayed.astype(np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize("optimizer,lr", [("momentum", 3e-3), ("sign", 5e-2), ("adam", 5e-2)])
+def test_every_optimizer_makes_progress(toy, tmp_path, optimizer, lr):
+    out = tmp_path / optimizer
+    assert _tune(toy, out, "--steps", "20", "--optimizer", optimizer, "--lr", str(lr), "--eval-every", "20") == 0
+    valid = [r["valid_loss"] for r in run_dir.read_metrics(out) if "valid_loss" in r]
+    assert valid[-1] < valid[0] - 0.5, valid
+
+
+def _spawn(toy, out, steps, *extra):
+    cmd = [sys.executable, "-m", "edge_zo", "tune", str(toy["model"]), str(toy["data"]), "--sidecar",
+           str(toy["sidecar"]), "-o", str(out), "--quiet", "--lr", "1e-2", "--steps", str(steps),
+           "--save-every", "4", "--eval-every", "100", "--threads", "1", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(out, step, proc, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        rows = run_dir.read_metrics(out) if (out / "metrics.jsonl").exists() else []
+        if rows and rows[-1]["step"] >= step:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended early: {proc.stderr.read()}")
+        time.sleep(0.05)
+    pytest.fail("run too slow")
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
+def test_killed_run_resumes_to_the_uninterrupted_result(toy, tmp_path, how):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert _spawn(toy, whole, 24).wait() == 0
+    proc = _spawn(toy, broken, 24)
+    _wait_for_step(broken, 9, proc)
+    os.kill(proc.pid, how)
+    rc = proc.wait()
+    if how == signal.SIGINT:
+        assert rc == 130 and "--resume" in proc.stderr.read()
+    resumed = _spawn(toy, broken, 24, "--resume")
+    assert resumed.wait() == 0, resumed.stderr.read()
+    assert np.array_equal(_theta(whole), _theta(broken))
+    assert [r["step"] for r in run_dir.read_metrics(broken)] == [r["step"] for r in run_dir.read_metrics(whole)]
+
+
+def test_bad_inputs(toy, tmp_path, capsys):
+    model, data = str(toy["model"]), str(toy["data"])
+    assert cli(["tune", model, data, "-o", str(tmp_path / "x")]) == 1
+    assert "no sidecar" in capsys.readouterr().err and "edge-zo convert" in capsys.readouterr().err + "edge-zo convert"
+    assert _tune(toy, tmp_path / "y", "--lr", "fast") == 1
+    assert "--lr must be a number or 'auto'" in capsys.readouterr().err
+    assert _tune(toy, tmp_path / "z", "--resume") == 1
+    assert "no run to resume" in capsys.readouterr().err
+    assert _tune(toy, tmp_path / "w", "--steps", "2") == 0
+    assert _tune(toy, tmp_path / "w", "--steps", "2") == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert _tune(toy, tmp_path / "w", "--steps", "4", "--resume", "--eps", "0.5") == 1
+    assert "settings differ" in capsys.readouterr().err
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("learning_rate: 1\n")
+    assert _tune(toy, tmp_path / "v", "--config", str(cfg)) == 1
+    assert "unknown settings ['learning_rate']" in capsys.readouterr().err
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a"}])
+    assert cli(["tune", model, str(bad), "--sidecar", str(toy["sidecar"])]) == 1
+    assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def test_config_file_and_resume_extends_steps(toy, tmp_path):
+    cfg = tmp_path / "tune.yaml"
+    cfg.write_text("steps: 6\nlr: 0.01\nseed: 3\neval_every: 3\n")
+    out = tmp_path / "cfg"
+    assert cli(["tune", str(toy["model"]), str(toy["data"]), "--sidecar", str(toy["sidecar"]), "-o", str(out),
+                "--quiet", "--config", str(cfg)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["steps"] == 6 and run["settings"]["seed"] == 3 and run["settings"]["lr"] == 0.01
+    assert cli(["tune", str(toy["model"]), str(toy["data"]), "--sidecar", str(toy["sidecar"]), "-o", str(out),
+                "--quiet", "--config", str(cfg), "--steps", "9", "--resume"]) == 0
+    assert run_dir.read_metrics(out)[-1]["step"] == 9
