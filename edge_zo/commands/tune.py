@@ -154,14 +154,17 @@ def _split(n: int, s: TuneSettings) -> tuple[np.ndarray, np.ndarray]:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    settings = _resolve(args)
-    if args.model is None or args.data is None:
-        if args.model is not None or args.data is not None:
-            raise InvalidInputError("give both MODEL and DATA, or neither for the demo")
+    if args.model is None and args.data is None and not args.config:
         from .. import demo
 
         args.model, args.data, args.valid, args.sidecar = demo.prepare(args.sidecar)
+        for key, value in demo.DEMO_SETTINGS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
         print(f"edge-zo tune: demo: {args.model} on {args.data}", file=sys.stderr)
+    settings = _resolve(args)
+    if args.model is None or args.data is None:
+        raise InvalidInputError("give both MODEL and DATA (or neither, for the demo)")
     model = Path(args.model)
     out = Path(args.output or Path("runs") / Path(args.data).stem)
 

