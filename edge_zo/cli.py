@@ -9,6 +9,7 @@ COMMANDS = {
     "tune": "personalize a model: sparse zeroth-order fine-tuning on a JSONL file",
     "eval": "mean loss (and accuracy) of a model, with adapters, on a JSONL file",
     "generate": "generate text with a model and its adapters",
+    "export": "sum adapters into one file and merge them into a GGUF for stock llama.cpp",
 }
 
 USAGE = "usage: edge-zo COMMAND [options]   (edge-zo COMMAND --help for each)\n\ncommands:\n" + "\n".join(
