@@ -6,6 +6,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "convert": "find the sensitive weights; write a dense 4-bit GGUF and a sparse sidecar",
     "tune": "personalize a model: sparse zeroth-order fine-tuning on a JSONL file",
     "eval": "mean loss (and accuracy) of a model, with adapters, on a JSONL file",
     "generate": "generate text with a model and its adapters",

@@ -151,11 +151,15 @@ class Tokenizer:
         if len(p) == 0:  # an empty prompt on a model without BOS: start from BOS anyway
             p = np.array([self.native.bos], np.int32)
         c = self._ids(completion, False)
+        # Too long: drop the prompt's start, not the completion being scored.
+        keep = max(self.max_tokens - len(c), 1)
+        if len(p) > keep:
+            p = p[len(p) - keep:]
         return self._cap(Example(np.concatenate([p, c]).astype(np.int32),
                                  np.concatenate([np.zeros(len(p), np.uint8), np.ones(len(c), np.uint8)])))
 
     def _cap(self, ex: Example) -> Example:
-        # Sequences longer than the context are cut at the end, as mlx-lm does.
+        # Text and chat rows longer than the context are cut at the end, as mlx-lm does.
         if len(ex.tokens) > self.max_tokens:
             ex.tokens, ex.targets = ex.tokens[: self.max_tokens], ex.targets[: self.max_tokens]
         return ex
