@@ -51,7 +51,8 @@ class Runtime:
             n_ctx_seq=options.max_tokens, n_seq_max=options.batch_size,
             n_batch=max(options.max_tokens, min(options.batch_size * options.max_tokens, 4096)),
             n_ubatch=512, n_threads=threads, n_gpu_layers=options.gpu_layers,
-            kv_f32=options.kv_f32, verbose=options.verbose))
+            # Flash attention rounds K and V through F16 whatever the cache type: off with an F32 cache.
+            kv_f32=options.kv_f32, flash_attn=0 if options.kv_f32 else -1, verbose=options.verbose))
         self.attachments: list[Attachment] = []
 
     def close(self):

@@ -14,7 +14,7 @@ def add_runtime_options(p: argparse.ArgumentParser, batch_size: bool = True) -> 
     g.add_argument("--max-tokens", type=int, default=None, help="tokens per sequence; longer rows are cut (default 512)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core)")
     g.add_argument("--gpu-layers", type=int, default=None, help="layers to offload to a GPU backend (default 0)")
-    g.add_argument("--kv-f32", action="store_true", help="keep the KV cache in F32 instead of F16")
+    g.add_argument("--kv-f32", action="store_true", help="keep the KV cache in F32 instead of F16 (and turn flash attention off)")
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
 
 
