@@ -14,12 +14,20 @@ from .errors import InvalidInputError, ModelFileError, NativeBuildError, NativeR
 
 try:
     import llama_cpp  # noqa: F401  (loads libllama/libggml once, before our extension links to them)
+except ModuleNotFoundError as exc:
+    # Built against a standalone llama.cpp (EDGE_ZO_LLAMA_LIB, see native/build_ffi.py):
+    # the extension finds that libllama through its rpath.
+    if exc.name != "llama_cpp":
+        raise
+try:
     from ._edge_zo_native import ffi, lib
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
     raise NativeBuildError(
         f"edge-zo's native core is not built or does not load ({exc}). "
         "Reinstall with `pip install -e .` (it compiles native/edge_zo.c against llama-cpp-python==0.3.36)."
     ) from exc
+
+HAS_CUDA = bool(lib.ez_has_cuda())  # this build carries the CUDA kernels (native/edge_zo_cuda.cu)
 
 _ERRORS = {
     lib.EZ_ERR_IO: ModelFileError,
@@ -97,6 +105,14 @@ class NativeModel:
     def fallback_count(self) -> int:
         """How many tensors the sparse path had to copy from a non-host backend."""
         return int(lib.ez_fallback_count(self._live()))
+
+    @property
+    def path_counts(self) -> dict[str, int]:
+        """Graph nodes patched so far per path: host kernels, CUDA kernels, and
+        tensors copied through the host (the fallback for other device buffers)."""
+        m = self._live()
+        return {"host": int(lib.ez_host_count(m)), "cuda": int(lib.ez_cuda_count(m)),
+                "fallback": int(lib.ez_fallback_count(m))}
 
     def is_eog(self, token: int) -> bool:
         return bool(lib.ez_token_is_eog(self._live(), int(token)))

@@ -5,7 +5,13 @@
  * (src[0]) has sparse entries; the scheduler then computes the graph up to that
  * node and hands it back to us, and we add S.x into its output before any later
  * node reads it. The weight itself is never written (it may be mmapped or
- * repacked); the values live in memory the Python side owns. */
+ * repacked); the values live in memory the Python side owns.
+ *
+ * Where the node's output lives decides the path (see apply): host memory ->
+ * the kernels below; a CUDA buffer -> the kernels of edge_zo_cuda.cu on the
+ * device pointers (builds with EDGE_ZO_CUDA); any other device buffer (Metal,
+ * Vulkan, ...) -> copies to the host and back, correct everywhere but slow
+ * over PCIe. With --gpu-layers N each node takes the path of its own buffer. */
 #include "edge_zo.h"
 
 #include <errno.h>
@@ -24,6 +30,10 @@
 #include <omp.h>
 #endif
 
+#ifdef EDGE_ZO_CUDA
+#include "edge_zo_cuda.h"
+#endif
+
 /* Below this many multiply-adds a kernel runs on one thread: waking a team
  * costs more than it saves. */
 #define EZ_PARALLEL_MIN_WORK 65536
@@ -37,6 +47,13 @@ typedef struct ez_slot {
     int32_t *cols;
     int64_t *expert_start;   /* n_expert+1 offsets into rows/cols */
     const float *values;     /* borrowed from the caller */
+#ifdef EDGE_ZO_CUDA
+    /* Per CUDA device, made when the slot first meets a tensor there. The
+     * values are copied once per llama_decode (the caller may change them
+     * between decodes, never during one): cuda_epoch[d] == model epoch. */
+    ez_cuda_matrix *cuda[EZ_CUDA_MAX_DEVICES];
+    int64_t cuda_epoch[EZ_CUDA_MAX_DEVICES];
+#endif
     struct ez_slot *next;
 } ez_slot;
 
@@ -50,7 +67,13 @@ struct ez_model {
     int32_t n_batch;
     ez_slot *slots;
     int64_t next_slot_id;
-    int64_t fallback_count;
+    int64_t fallback_count;  /* tensors copied from a device buffer to the host */
+    int64_t host_count;      /* nodes patched by the host kernels */
+    int64_t cuda_count;      /* nodes patched by the CUDA kernels */
+    int64_t epoch;           /* llama_decode calls so far */
+#ifdef EDGE_ZO_CUDA
+    int64_t cuda_epoch[EZ_CUDA_MAX_DEVICES]; /* the epoch whose values each device holds */
+#endif
     /* An error raised inside the eval callback, reported after llama_decode. */
     int cb_failed;
     char cb_error[256];
@@ -126,6 +149,30 @@ static void *host_bytes(ez_model *m, const struct ggml_tensor *t, void **owned) 
     m->fallback_count++;
     *owned = p;
     return p;
+}
+
+/* The CUDA device index of t's buffer ("CUDA0", "CUDA1", ...), or -1 for any
+ * other buffer (host, Metal, Vulkan, CUDA's split buffers). */
+static int cuda_device(const struct ggml_tensor *t) {
+    if (!t->buffer || ggml_backend_buffer_is_host(t->buffer)) return -1;
+    const char *name = ggml_backend_buft_name(ggml_backend_buffer_get_type(t->buffer));
+    if (strncmp(name, "CUDA", 4) != 0 || name[4] < '0' || name[4] > '9') return -1;
+    const int d = atoi(name + 4);
+    return d < 16 ? d : -1; /* GGML_CUDA_MAX_DEVICES */
+}
+
+/* Once per process: say that a device buffer goes through host copies. */
+static void note_fallback(const struct ggml_tensor *t, bool is_cuda) {
+    static int noted;
+    if (noted) return;
+    noted = 1;
+    const char *buft = ggml_backend_buft_name(ggml_backend_buffer_get_type(t->buffer));
+    if (is_cuda)
+        fprintf(stderr, "edge-zo: this build has no CUDA kernels: sparse deltas on %s tensors go through host "
+                "copies (correct, slow). Rebuild with EDGE_ZO_CUDA=1 (docs/gpu.md).\n", buft);
+    else
+        fprintf(stderr, "edge-zo: sparse deltas on %s tensors go through host copies (the generic fallback for "
+                "non-CUDA device buffers).\n", buft);
 }
 
 /* ---- kernels ------------------------------------------------------------ */
@@ -211,6 +258,90 @@ static bool shape_matches(ez_model *m, const ez_slot *s, const struct ggml_tenso
     return false;
 }
 
+#ifdef EDGE_ZO_CUDA
+/* Copy the values of every slot that lives on CUDA device dev, once per decode:
+ * host copies into pinned buffers on all threads, then the uploads, queued on
+ * the device's stream ahead of the first kernel. (One slot at a time, the
+ * copies of a 7B-shaped 0.1% adapter, 26 MB, cost about 5 ms per decode.) */
+static int refresh_values(ez_model *m, int dev) {
+    int64_t n = 0, work = 0;
+    for (ez_slot *s = m->slots; s; s = s->next) n += s->cuda[dev] != NULL;
+    ez_slot **list = malloc((size_t)(n > 0 ? n : 1) * sizeof *list);
+    if (!list) return 2; /* cudaErrorMemoryAllocation */
+    n = 0;
+    for (ez_slot *s = m->slots; s; s = s->next)
+        if (s->cuda[dev]) {
+            list[n++] = s;
+            work += s->n;
+        }
+    (void)work;
+#pragma omp parallel for num_threads(m->n_threads) schedule(dynamic, 4) if (work >= 1 << 20)
+    for (int64_t i = 0; i < n; i++) ez_cuda_matrix_stage(list[i]->cuda[dev], list[i]->values);
+    int rc = 0;
+    for (int64_t i = 0; i < n && !rc; i++) {
+        rc = ez_cuda_matrix_upload(list[i]->cuda[dev]);
+        list[i]->cuda_epoch[dev] = m->epoch;
+    }
+    free(list);
+    if (!rc) m->cuda_epoch[dev] = m->epoch;
+    return rc;
+}
+
+/* The same three kernels on CUDA device pointers, on the device's own stream,
+ * which is synchronized before returning (edge_zo_cuda.cu says why). */
+static void apply_cuda(ez_model *m, struct ggml_tensor *t, const char *name, int dev) {
+    const struct ggml_tensor *w = t->src[0], *x = t->src[1], *ids = t->src[2];
+    if (cuda_device(x) != dev || (t->op == GGML_OP_MUL_MAT_ID && cuda_device(ids) != dev)) {
+        callback_fail(m, "%s: output on CUDA%d but its inputs are elsewhere", name, dev);
+        return;
+    }
+    int rc = 0, launched = 0;
+    for (ez_slot *s = m->slots; s && !rc; s = s->next) {
+        if (strcmp(s->name, name) != 0 || s->n == 0) continue;
+        if (!shape_matches(m, s, w)) break;
+        if (t->op == GGML_OP_MUL_MAT && s->n_expert != 1) {
+            callback_fail(m, "%s: 3-D weights in MUL_MAT are not supported", name);
+            break;
+        }
+        if (t->op == GGML_OP_GET_ROWS && x->type != GGML_TYPE_I32) {
+            callback_fail(m, "%s: GET_ROWS with non-I32 ids", name);
+            break;
+        }
+        if (!s->cuda[dev]) {
+            rc = ez_cuda_matrix_new(dev, s->rows, s->cols, s->n, s->n_in, s->n_out, s->n_expert, &s->cuda[dev]);
+            if (rc) break;
+            s->cuda_epoch[dev] = 0;
+        }
+        if (m->cuda_epoch[dev] != m->epoch) { /* first CUDA node of this decode on dev */
+            rc = refresh_values(m, dev);
+            if (rc) break;
+        }
+        if (s->cuda_epoch[dev] != m->epoch) { /* made during this decode */
+            rc = ez_cuda_matrix_set_values(s->cuda[dev], s->values);
+            if (rc) break;
+            s->cuda_epoch[dev] = m->epoch;
+        }
+        if (t->op == GGML_OP_MUL_MAT)
+            rc = ez_cuda_mul_mat(s->cuda[dev], x->data, x->nb, t->data, t->nb, t->ne);
+        else if (t->op == GGML_OP_MUL_MAT_ID)
+            rc = ez_cuda_mul_mat_id(s->cuda[dev], x->data, x->nb, x->ne[1], ids->data, ids->nb, t->data, t->nb,
+                                    t->ne[1], t->ne[2]);
+        else
+            rc = ez_cuda_get_rows(s->cuda[dev], x->data, x->nb, x->ne, t->data, t->nb);
+        launched = 1;
+    }
+    if (launched) { /* also after a failure: nothing of ours may still run when we return */
+        const int rs = ez_cuda_sync(dev);
+        rc = rc ? rc : rs;
+    }
+    if (rc) {
+        callback_fail(m, "%s: CUDA error on CUDA%d: %s", name, dev, ez_cuda_error_string(rc));
+        return;
+    }
+    m->cuda_count += launched;
+}
+#endif
+
 static void apply(ez_model *m, struct ggml_tensor *t, const char *name) {
     const struct ggml_tensor *w = t->src[0], *x = t->src[1], *ids = t->src[2];
     if (t->type != GGML_TYPE_F32 || (t->op != GGML_OP_GET_ROWS && x->type != GGML_TYPE_F32)) {
@@ -220,6 +351,18 @@ static void apply(ez_model *m, struct ggml_tensor *t, const char *name) {
     if (t->nb[0] != sizeof(float) || (t->op != GGML_OP_GET_ROWS && x->nb[0] != sizeof(float))) {
         callback_fail(m, "%s: activations with a strided first dimension are not supported", name);
         return;
+    }
+    if (!on_host(t)) {
+        const int dev = cuda_device(t);
+#ifdef EDGE_ZO_CUDA
+        if (dev >= 0) {
+            apply_cuda(m, t, name, dev);
+            return;
+        }
+#endif
+        note_fallback(t, dev >= 0);
+    } else {
+        m->host_count++;
     }
     void *own_x = NULL, *own_y = NULL, *own_i = NULL;
     char *y = host_bytes(m, t, &own_y);
@@ -368,6 +511,15 @@ int32_t ez_token_eos(const ez_model *m) { return llama_vocab_eos(m->vocab); }
 int ez_token_is_eog(const ez_model *m, int32_t token) { return llama_vocab_is_eog(m->vocab, token); }
 int ez_add_bos(const ez_model *m) { return llama_vocab_get_add_bos(m->vocab); }
 int64_t ez_fallback_count(const ez_model *m) { return m->fallback_count; }
+int64_t ez_host_count(const ez_model *m) { return m->host_count; }
+int64_t ez_cuda_count(const ez_model *m) { return m->cuda_count; }
+int ez_has_cuda(void) {
+#ifdef EDGE_ZO_CUDA
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 /* ---- text ----------------------------------------------------------------- */
 
@@ -417,6 +569,9 @@ int ez_chat_template(const ez_model *m, const char **roles, const char **content
 /* ---- sparse slots ------------------------------------------------------- */
 
 static void slot_free(ez_slot *s) {
+#ifdef EDGE_ZO_CUDA
+    for (int d = 0; d < EZ_CUDA_MAX_DEVICES; d++) ez_cuda_matrix_free(s->cuda[d]);
+#endif
     free(s->rows);
     free(s->cols);
     free(s->expert_start);
@@ -491,6 +646,7 @@ void ez_sparse_clear(ez_model *m) {
 static int decode(ez_model *m) {
     m->cb_failed = 0;
     ez_log_last[0] = 0;
+    m->epoch++; /* device copies of the sparse values are stale from here */
     int32_t rc = llama_decode(m->ctx, m->batch);
     if (m->cb_failed) return fail(EZ_ERR_INVALID, "%s", m->cb_error);
     if (rc != 0)

@@ -46,6 +46,11 @@ int ez_token_is_eog(const ez_model *m, int32_t token);
 int ez_add_bos(const ez_model *m);
 /* Non-host buffers seen by the sparse path so far (generic get/set fallback). */
 int64_t ez_fallback_count(const ez_model *m);
+/* Graph nodes patched so far by the host kernels and by the CUDA kernels. */
+int64_t ez_host_count(const ez_model *m);
+int64_t ez_cuda_count(const ez_model *m);
+/* 1 when this build has the CUDA kernels (EDGE_ZO_CUDA). */
+int ez_has_cuda(void);
 
 /* Text. *n_out receives the needed size when cap is too small (EZ_ERR_NOMEM). */
 int ez_tokenize(const ez_model *m, const char *text, int32_t len, int add_special,

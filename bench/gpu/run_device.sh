@@ -1,0 +1,245 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks of docs/gpu.md, in one command on a CUDA machine
+# that has nvcc, cmake and python3 with numpy but no registry (the device machine).
+#
+#   bash bench/gpu/run_device.sh [STAGE ...]   # default: setup kernels test bench-smollm2 bench-7b
+#
+# Stages:
+#   setup          carried wheels -> /tmp/site; llama.cpp (the llama-cpp-python 0.3.36 tree)
+#                  built with CUDA into build/llama-cuda (skipped when already there, or unpacked
+#                  from a carried llama-cuda-libs.tar.xz); the native core built against it with
+#                  the CUDA kernels (EDGE_ZO_CUDA=1)
+#   pack           those llama.cpp libraries as llama-cuda-libs.tar.xz, to carry next time
+#   kernels        bench/gpu/kernel_check.cu: the CUDA kernels against a host reference, bit for bit
+#   test           pytest tests/test_gpu.py
+#   bench-smollm2  bench/gpu/bench.py on SmolLM2-135M's shape (random Q4_0), all layers on the
+#                  GPU, then half of them (--gpu-layers 16)
+#   bench-7b       bench/gpu/bench.py on Llama-2-7B's shape (random Q4_0): 16 x 64 tokens, then one
+#                  graph per forward (n_ubatch 1024), then 4 x 256 tokens (a smaller KV cache)
+#   fallback       bench/gpu/fallback_check.py: a build without the CUDA kernels, whose CUDA tensors
+#                  take the generic host-copy path (as Metal and Vulkan ones do), against edited weights
+# Inputs, made on a machine with a registry by bench/gpu/prepare_carry.sh, in $EDGE_ZO_CARRY
+# (default .carry): whl/*.whl, llama.cpp.tar.gz, smollm2-vocab.gguf, ggml-vocab-llama-spm.gguf,
+# optionally llama-cuda-libs.tar.xz.
+# Results in bench/out/gpu: *.json, *.log, env.txt; where $OUT is set (the device tool) they are
+# also packed as $OUT/results.tgz, and pack's libraries as $OUT/llama-cuda-libs.tar.xz.part-*.
+# EDGE_ZO_DEADLINE (seconds, default 570) bounds the whole run: a stage that would not finish
+# in what is left is cut short or skipped, so the results always come back.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+CARRY=${EDGE_ZO_CARRY:-.carry}
+DEVICE_OUT=${OUT:-}
+OUT=bench/out/gpu
+DEADLINE=${EDGE_ZO_DEADLINE:-570}
+LLAMA=build/llama-cuda
+MODELS=${EDGE_ZO_MODELS:-/tmp/edge-zo-models}
+mkdir -p "$OUT" "$MODELS"
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+# libllama's own dependencies (libggml*, and libcudart/libcublas for ggml-cuda) are looked up
+# through its RUNPATH, which points into the build tree; a carried build has none: name both.
+CUDA_LIB=${CUDA_HOME:-/usr/local/cuda}/lib64
+export LD_LIBRARY_PATH=$PWD/$LLAMA/lib:$CUDA_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(setup kernels test bench-smollm2 bench-7b)
+t0=$(date +%s)
+say() { echo "== $(($(date +%s) - t0)) s: $*"; }
+# budget WANT: seconds a stage may take: WANT, or less if the deadline is near (0: skip the stage)
+budget() {
+    local left=$((DEADLINE - ($(date +%s) - t0) - 25))
+    [ "$left" -gt "$1" ] && left=$1
+    [ "$left" -lt 30 ] && left=0
+    echo "$left"
+}
+
+finish() {
+    say "done"
+    python3 bench/gpu/summary.py "$OUT" || true
+    if [ -n "$DEVICE_OUT" ]; then
+        tar czf "$DEVICE_OUT/results.tgz" -C "$OUT" --exclude='llama-cuda-libs*' .
+        if [ -f "$OUT/llama-cuda-libs.tar.xz" ]; then
+            split -b 15M -d "$OUT/llama-cuda-libs.tar.xz" "$DEVICE_OUT/llama-cuda-libs.tar.xz.part-"
+        fi
+        ls -la "$DEVICE_OUT"
+    fi
+}
+trap finish EXIT
+
+# The C++ compilers for llama.cpp: the system's g++ where there is one. The device image's default
+# (/opt/gcc/bin/g++, a wrapper) links C++ libraries without libstdc++ in their NEEDED list; such a
+# libllama loads, but crashed in its tokenizer set-up inside Python (seen 2026-11-22).
+compilers() {
+    if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
+        echo -DCMAKE_C_COMPILER=/usr/bin/gcc -DCMAKE_CXX_COMPILER=/usr/bin/g++ -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++
+    fi
+}
+
+build_llama() {
+    local gen=()
+    command -v ninja >/dev/null && gen=(-G Ninja)
+    rm -rf "$LLAMA/build" "$LLAMA/lib"
+    # shellcheck disable=SC2046
+    cmake -S "$LLAMA/src" -B "$LLAMA/build" "${gen[@]}" $(compilers) -DCMAKE_BUILD_TYPE=Release \
+        -DCMAKE_SHARED_LINKER_FLAGS="${LLAMA_LDFLAGS:-}" \
+        -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+        -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF > "$OUT/llama_cmake.log" 2>&1 \
+        || { tail -40 "$OUT/llama_cmake.log"; exit 1; }
+    cmake --build "$LLAMA/build" -j "$(nproc)" > "$OUT/llama_build.log" 2>&1 \
+        || { tail -40 "$OUT/llama_build.log"; exit 1; }
+    mkdir -p "$LLAMA/lib"
+    find "$LLAMA/build" -name 'lib*.so*' \( -type f -o -type l \) -exec cp -a {} "$LLAMA/lib/" \;
+    REBUILT=1
+    say "llama.cpp built with CUDA"
+}
+
+build_ext() {
+    EDGE_ZO_CUDA=1 EDGE_ZO_CUDA_ARCH=90 EDGE_ZO_LLAMA_INCLUDE="$LLAMA/src/include:$LLAMA/src/ggml/include" \
+        EDGE_ZO_LLAMA_LIB="$LLAMA/lib" python3 setup.py build_ext --inplace -q > "$OUT/ext_build.log" 2>&1 \
+        || { tail -40 "$OUT/ext_build.log"; exit 1; }
+}
+
+# Load a tiny model through the Python package: does this libllama work in a Python process?
+probe() {
+    [ -f "$MODELS/probe.gguf" ] || python3 bench/gpu/make_models.py tiny "$MODELS/probe.gguf" \
+        --tokenizer "$CARRY/smollm2-vocab.gguf" 2>/dev/null
+    timeout 120 python3 -c "
+import sys
+from edge_zo._native import HAS_CUDA, ContextParams, NativeModel
+assert HAS_CUDA, 'no CUDA kernels in the build'
+NativeModel(sys.argv[1], ContextParams(n_ctx_seq=64, n_seq_max=2, n_batch=128, n_ubatch=128, n_gpu_layers=99)).close()
+print('probe: the native core with CUDA kernels opens a model')" "$MODELS/probe.gguf" > "$OUT/probe.log" 2>&1
+}
+
+setup() {
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$CARRY"/whl/*.whl
+    { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvcc --version | tail -2;
+      python3 --version; nproc; echo "compilers: $(compilers)"; ls "$CUDA_LIB" | grep -E 'cudart|cublas'; } > "$OUT/env.txt" 2>&1 || true
+    mkdir -p "$LLAMA/src"
+    [ -f "$LLAMA/src/CMakeLists.txt" ] || tar xzf "$CARRY/llama.cpp.tar.gz" -C "$LLAMA/src"
+    if [ -z "$(find "$LLAMA/lib" -name 'libllama.so*' 2>/dev/null | head -1)" ] && [ -f "$CARRY/llama-cuda-libs.tar.xz" ]; then
+        mkdir -p "$LLAMA/lib" && tar xJf "$CARRY/llama-cuda-libs.tar.xz" -C "$LLAMA/lib"
+        say "llama.cpp libraries unpacked from the carry"
+    fi
+    [ -n "$(find "$LLAMA/lib" -name 'libllama.so*' 2>/dev/null | head -1)" ] || build_llama
+    build_ext
+    if ! probe; then
+        tail -3 "$OUT/probe.log"
+        # Seen 2026-11-22 on the device image (CUDA 13.0): libggml-cuda.so carries a static copy of
+        # libstdc++ and exports it; libllama, loaded by a Python extension (RTLD_LOCAL), binds some
+        # std:: symbols to that copy and some to the system's, and its regex-based tokenizer set-up
+        # crashes (std::codecvt in libggml-cuda.so). Preloading the system libstdc++ binds them all
+        # to one copy.
+        export LD_PRELOAD=$(ldconfig -p | awk '/libstdc\+\+\.so\.6 .*x86-64/ {print $NF; exit}')
+        say "retrying with LD_PRELOAD=$LD_PRELOAD"
+        if ! probe; then
+            tail -3 "$OUT/probe.log"
+            unset LD_PRELOAD
+            say "still failing: building llama.cpp again, its static archives' symbols hidden"
+            LLAMA_LDFLAGS="-Wl,--exclude-libs,ALL" build_llama
+            build_ext
+            probe || { tail -30 "$OUT/probe.log"; exit 1; }
+        fi
+    fi
+    cat "$OUT/probe.log"
+    readelf -d "$LLAMA/lib/libllama.so" | grep NEEDED
+}
+
+pack() {
+    if [ -z "${REBUILT:-}" ]; then say "pack: the libraries came from the carry; nothing new to pack"; return; fi
+    (cd "$LLAMA/lib" && tar cf - lib*.so*) | xz -T0 -6 > "$OUT/llama-cuda-libs.tar.xz"
+    ls -la "$OUT/llama-cuda-libs.tar.xz"
+}
+
+kernels() {
+    nvcc -O2 -std=c++17 -arch=sm_90 -Xcompiler -ffp-contract=off -Inative bench/gpu/kernel_check.cu \
+        native/edge_zo_cuda.cu -o build/kernel_check
+    timeout 120 build/kernel_check > "$OUT/kernel_check.log" 2>&1 || say "kernel check FAILED"
+    cat "$OUT/kernel_check.log"
+    # launch-shape variants (EZ_KERNEL_VARIANTS="NAME:-DFLAG=V,... ..."), timed the same way
+    local v name flags
+    for v in ${EZ_KERNEL_VARIANTS:-}; do
+        name=${v%%:*}
+        flags=${v#*:}
+        nvcc -O2 -std=c++17 -arch=sm_90 ${flags//,/ } -Xcompiler -ffp-contract=off -Inative \
+            bench/gpu/kernel_check.cu native/edge_zo_cuda.cu -o "build/kernel_check_$name"
+        timeout 120 "build/kernel_check_$name" 2>&1 | grep -E "^time .*512|passed|FAIL" | sed "s/^/$name: /" \
+            | tee "$OUT/kernel_check_$name.log" || true
+    done
+}
+
+run_tests() {
+    local b
+    b=$(budget 300)
+    [ "$b" -gt 0 ] || { say "skipped: no time left"; return; }
+    EDGE_ZO_TOKENIZER="$CARRY/smollm2-vocab.gguf" timeout "$b" python3 -m pytest tests/test_gpu.py -q -rA -s \
+        -p no:cacheprovider > "$OUT/test_gpu.log" 2>&1 || true
+    grep -E "effect|tune on GPU|passed|failed|skipped|Error|error" "$OUT/test_gpu.log" | tail -40 || true
+}
+
+bench_smollm2() {
+    local b
+    [ -f "$MODELS/smollm2_q4_0.gguf" ] || python3 bench/gpu/make_models.py smollm2 "$MODELS/smollm2_q4_0.gguf" \
+        --tokenizer "$CARRY/smollm2-vocab.gguf"
+    b=$(budget 90)
+    [ "$b" -gt 0 ] || { say "skipped: no time left"; return; }
+    timeout "$b" python3 bench/gpu/bench.py --model "$MODELS/smollm2_q4_0.gguf" --gpu-layers 99 --rounds 15 \
+        --steps 10 --out "$OUT/bench_smollm2.json" > "$OUT/bench_smollm2.log" 2>&1 || tail -20 "$OUT/bench_smollm2.log"
+    b=$(budget 60)
+    [ "$b" -gt 0 ] || { say "skipped: no time left"; return; }
+    timeout "$b" python3 bench/gpu/bench.py --model "$MODELS/smollm2_q4_0.gguf" --gpu-layers 16 --rounds 7 \
+        --steps 3 --out "$OUT/bench_smollm2_gl16.json" > "$OUT/bench_smollm2_gl16.log" 2>&1 \
+        || tail -20 "$OUT/bench_smollm2_gl16.log"
+}
+
+bench_7b() {
+    local b
+    b=$(budget 240)
+    [ "$b" -gt 90 ] || { say "skipped: no time left"; return; }
+    [ -f "$MODELS/llama2_7b_q4_0.gguf" ] || python3 bench/gpu/make_models.py llama2-7b "$MODELS/llama2_7b_q4_0.gguf" \
+        --tokenizer "$CARRY/ggml-vocab-llama-spm.gguf"
+    b=$(budget 200)
+    [ "$b" -gt 0 ] || { say "skipped: no time left"; return; }
+    timeout "$b" python3 bench/gpu/bench.py --model "$MODELS/llama2_7b_q4_0.gguf" --gpu-layers 99 --rounds 9 \
+        --steps 6 --verbose --out "$OUT/bench_7b.json" > "$OUT/bench_7b.log" 2>&1 || tail -20 "$OUT/bench_7b.log"
+    grep -E "buffer size|flash_attn|n_ctx|n_ubatch|graph splits" "$OUT/bench_7b.log" | sort | uniq -c | head -20
+    # one graph per forward instead of two (n_ubatch 1024): half the stops
+    b=$(budget 90)
+    [ "$b" -gt 0 ] || { say "skipped: no time left"; return; }
+    timeout "$b" python3 bench/gpu/bench.py --model "$MODELS/llama2_7b_q4_0.gguf" --gpu-layers 99 --rounds 7 \
+        --steps 3 --ubatch 1024 --out "$OUT/bench_7b_ub1024.json" > "$OUT/bench_7b_ub1024.log" 2>&1 \
+        || tail -20 "$OUT/bench_7b_ub1024.log"
+    # the same 1024 tokens as 4 sequences of 256: llama.cpp pads each sequence's KV cache to 256
+    # cells, so 16 x 64 holds 4096 cells (2 GiB at 7B) where 4 x 256 holds 1024 (0.5 GiB)
+    b=$(budget 90)
+    [ "$b" -gt 0 ] || { say "skipped: no time left"; return; }
+    timeout "$b" python3 bench/gpu/bench.py --model "$MODELS/llama2_7b_q4_0.gguf" --gpu-layers 99 --rounds 7 \
+        --steps 3 --seqs 4 --tokens 256 --out "$OUT/bench_7b_4x256.json" > "$OUT/bench_7b_4x256.log" 2>&1 \
+        || tail -20 "$OUT/bench_7b_4x256.log"
+}
+
+# The generic fallback on CUDA buffers: the same tree built without the CUDA kernels, in /tmp.
+fallback() {
+    local root=$PWD fb=/tmp/edge-zo-fallback
+    rm -rf "$fb" && mkdir -p "$fb"
+    tar cf - --exclude=./build --exclude=./.carry --exclude='*.so' . | tar xf - -C "$fb"
+    (cd "$fb" && EDGE_ZO_CUDA=0 EDGE_ZO_LLAMA_INCLUDE="$root/$LLAMA/src/include:$root/$LLAMA/src/ggml/include" \
+        EDGE_ZO_LLAMA_LIB="$root/$LLAMA/lib" python3 setup.py build_ext --inplace -q) > "$OUT/fallback_build.log" 2>&1 \
+        || { tail -20 "$OUT/fallback_build.log"; return; }
+    (cd "$fb" && PYTHONPATH="/tmp/site:$fb" EDGE_ZO_TOKENIZER="$root/$CARRY/smollm2-vocab.gguf" \
+        timeout 120 python3 bench/gpu/fallback_check.py) > "$OUT/fallback_check.log" 2>&1 || true
+    grep -E "edge-zo:|fallback check" "$OUT/fallback_check.log" | head -5
+}
+
+for s in "${stages[@]}"; do
+    say "stage $s"
+    case "$s" in
+        setup) setup ;;
+        pack) pack ;;
+        kernels) kernels ;;
+        test) run_tests ;;
+        bench-smollm2) bench_smollm2 ;;
+        bench-7b) bench_7b ;;
+        fallback) fallback ;;
+        *) echo "unknown stage $s"; exit 2 ;;
+    esac
+done
