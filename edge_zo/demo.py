@@ -15,8 +15,9 @@ from pathlib import Path
 from .errors import EdgeZoError
 
 # Small enough to finish in minutes on 2 cores; flags given by the user win.
-DEMO_SETTINGS = {"steps": 60, "eval_every": 20, "save_every": 20, "max_tokens": 128}
-TASK_SIZES = {"n_train": 256, "n_valid": 48, "n_test": 96}
+DEMO_SETTINGS = {"steps": 60, "eval_every": 30, "save_every": 10, "max_tokens": 96}
+TASK_SIZES = {"n_train": 256, "n_valid": 32, "n_test": 96}
+CALIB_TOKENS = 4096
 
 
 def smollm2_gguf() -> Path:
@@ -31,7 +32,7 @@ def prepare(sidecar: str | None = None) -> tuple[str, str, str, str | None]:
     from . import corpora
 
     root = corpora.cache_root().parent / "demo"
-    task = root / "spam"
+    task = root / f"spam-{TASK_SIZES['n_train']}-{TASK_SIZES['n_valid']}"
     if not (task / "valid.jsonl").is_file():
         print(f"edge-zo tune: demo: writing the spam task to {task}", file=sys.stderr)
         corpora.write_task("spam", task, seed=0, **TASK_SIZES)
@@ -41,7 +42,7 @@ def prepare(sidecar: str | None = None) -> tuple[str, str, str, str | None]:
               file=sys.stderr)
         from .commands import convert
 
-        rc = convert.main([str(smollm2_gguf()), "-o", str(converted)])
+        rc = convert.main([str(smollm2_gguf()), "-o", str(converted), "--calib-tokens", str(CALIB_TOKENS)])
         if rc:
             raise EdgeZoError("the demo's edge-zo convert step failed (see above)")
     return str(converted / "model.gguf"), str(task / "train.jsonl"), str(task / "valid.jsonl"), sidecar
