@@ -4,6 +4,11 @@ It knows nothing of llama.cpp: the caller hands in `loss(batch_indices)` (mean
 loss per target token with the live values as they are now), `evaluate()` (a
 dict of validation metrics) and the `live` buffer the engine reads. That keeps
 the loop testable with a numpy objective and the engine swappable.
+
+One worker of W evaluates directions rank, rank + W, ... of each step and hands
+them to `gather`, which returns all of them in direction order (one process:
+`gather_local`; several: edge_zo.distributed.Team.gather). Every worker then
+applies the same update, so θ never has to travel.
 """
 from __future__ import annotations
 
@@ -66,13 +71,23 @@ class Interrupted(Exception):
     """Raised from the loop after Ctrl-C once the state has been checkpointed."""
 
 
+Gather = Callable[[dict[int, spsa.Estimate], bool], tuple[list[spsa.Estimate], bool]]
+
+
+def gather_local(local: dict[int, spsa.Estimate], stop: bool) -> tuple[list[spsa.Estimate], bool]:
+    """One process evaluates every direction: nothing to collect."""
+    return [local[d] for d in sorted(local)], stop
+
+
 def train(cfg: LoopConfig, state: LoopState, *, n_examples: int, live: np.ndarray,
           loss: Callable[[np.ndarray], float], evaluate: Callable[[], dict],
           report: Callable[[dict], None], checkpoint: Callable[[LoopState], None],
-          progress: Callable[[int, dict], None] = lambda step, info: None) -> LoopState:
+          progress: Callable[[int, dict], None] = lambda step, info: None,
+          rank: int = 0, workers: int = 1, gather: Gather = gather_local) -> LoopState:
     """Run from state.step to cfg.steps. Validation at the start, every
     cfg.eval_every steps and at the end; checkpoints every cfg.save_every steps,
-    at the end, and on Ctrl-C (then Interrupted is raised)."""
+    at the end, and on Ctrl-C (then Interrupted is raised). With several workers,
+    a Ctrl-C on any of them stops all of them after the same step."""
     stop = {"now": False}
 
     def on_sigint(signum, frame):  # finish the current step, save, then stop
@@ -92,10 +107,13 @@ def train(cfg: LoopConfig, state: LoopState, *, n_examples: int, live: np.ndarra
             step = state.step
             t0 = time.perf_counter()
             idx = batch_indices(cfg.seed, step, n_examples, cfg.batch_size)
-            estimates = []
-            for d in range(cfg.directions):
+            local = {}
+            for d in range(rank, cfg.directions, workers):
                 z = spsa.direction(cfg.seed, step, len(state.theta), d)
-                estimates.append(spsa.estimate(live, state.theta, z, cfg.eps, lambda: loss(idx)))
+                local[d] = spsa.estimate(live, state.theta, z, cfg.eps, lambda: loss(idx))
+            t_gather = time.perf_counter()
+            estimates, stopping = gather(local, stop["now"])
+            t_gather = time.perf_counter() - t_gather
             gs = [e.g for e in estimates]
             lr = cfg.lr_at(step)
             spsa.take_step(state.theta, state.opt, gs, seed=cfg.seed, step=step, lr=lr)
@@ -105,6 +123,8 @@ def train(cfg: LoopConfig, state: LoopState, *, n_examples: int, live: np.ndarra
             dt = time.perf_counter() - t0
             info = {"step": state.step, "loss": float(np.mean([e.loss for e in estimates])),
                     "projected_grad": float(np.mean(gs)), "eps": cfg.eps, "lr": lr, "step_seconds": dt}
+            if workers > 1:
+                info["gather_seconds"] = t_gather   # the all-gather, waiting for the slowest worker included
             if not np.isfinite(info["loss"]) or not np.all(np.isfinite(state.theta)):
                 checkpoint(state)
                 raise FloatingPointError(f"training diverged at step {state.step} (loss {info['loss']}); "
@@ -113,9 +133,9 @@ def train(cfg: LoopConfig, state: LoopState, *, n_examples: int, live: np.ndarra
             if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
                 info.update(evaluate())
             report(info)
-            if state.step % cfg.save_every == 0 or state.step == cfg.steps or stop["now"]:
+            if state.step % cfg.save_every == 0 or state.step == cfg.steps or stopping:
                 checkpoint(state)
-            if stop["now"] and state.step < cfg.steps:
+            if stopping and state.step < cfg.steps:
                 raise Interrupted(f"stopped at step {state.step}")
     finally:
         if main_thread:

@@ -10,6 +10,8 @@ Examples:
   edge-zo tune model.gguf train.jsonl --valid valid.jsonl --optimizer adam --lr 1e-4
   edge-zo tune model.gguf train.jsonl -o runs/me --resume   # continue a killed run
   edge-zo tune model.gguf train.jsonl --config tune.yaml    # settings from YAML; flags win
+  torchrun --standalone --nproc-per-node 4 -m edge_zo tune model.gguf train.jsonl -o runs/me --directions 4
+                                                 # 4 workers share each step's directions (docs/distributed.md)
 
 The sparse coordinates come from the model's sidecar (DIR/sidecar.gguf beside
 DIR/model.gguf, made by `edge-zo convert`), or --sidecar FILE.
@@ -28,15 +30,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import run_dir
+from .. import distributed, run_dir
 from ..adapter import SparseAdapter
 from ..constants import Sparse
 from ..dataset import Tokenizer, load_jsonl
-from ..errors import InvalidInputError
+from ..distributed import Team, WorkerLostError, World
+from ..errors import EdgeZoError, InvalidInputError
 from ..model_info import file_sha256
-from ..runtime import Runtime, RuntimeOptions
+from ..runtime import Runtime
 from ..spsa import Optimizer, Schedule
-from ..trainer import Interrupted, LoopConfig, LoopState, train
+from ..trainer import Interrupted, LoopConfig, LoopState, gather_local, train
 from ._common import add_runtime_options
 
 LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
@@ -51,6 +54,7 @@ class TuneSettings:
     chat: bool = False
     valid_fraction: float = 0.1
     valid_max: int = 64
+    data_shards: int = 1     # --shard-data under torchrun: worker r draws batches from every W-th row from r
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,11 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", default=None, help="wrap prompt/completion rows in the chat template")
     p.add_argument("--resume", action="store_true", help="continue the run in -o DIR from its checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    d = p.add_argument_group("several workers (launch with torchrun; see docs/distributed.md)")
+    d.add_argument("--shard-data", action="store_true", default=None,
+                   help="worker r draws its batches from its own shard (every W-th training row from r) instead of "
+                        "every worker using the same batch; the deltas then depend on the number of workers")
+    d.add_argument("--dist-timeout", type=float, default=None,
+                   help=f"seconds a worker waits for the others (start-up, each step, worker 0's validation) before "
+                        f"the run stops with a resumable checkpoint (default {distributed.DEFAULT_TIMEOUT_S:g})")
     add_runtime_options(p, batch_size=False)
     return p
 
 
-def _resolve(args) -> TuneSettings:
+def _resolve(args, workers: int = 1) -> TuneSettings:
     """Command line over YAML over defaults."""
     cfg = {}
     if args.config:
@@ -94,7 +105,8 @@ def _resolve(args) -> TuneSettings:
             cfg = yaml.safe_load(Path(args.config).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise InvalidInputError(f"{args.config}: cannot read the config ({exc})") from exc
-        known = {f.name for f in dataclasses.fields(LoopConfig)} | {"max_tokens", "chat", "batch_size"}
+        known = {f.name for f in dataclasses.fields(LoopConfig)} | {"max_tokens", "chat", "batch_size", "shard_data",
+                                                                    "dist_timeout"}
         unknown = sorted(set(cfg) - known - {"model", "data", "valid", "output", "sidecar"})
         if unknown:
             raise InvalidInputError(f"{args.config}: unknown settings {unknown}; see `edge-zo tune --help`")
@@ -124,7 +136,11 @@ def _resolve(args) -> TuneSettings:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be at least 1")
     if loop.eps <= 0 or (loop.lr != "auto" and loop.lr <= 0):
         raise InvalidInputError("--eps and --lr must be positive")
-    return TuneSettings(loop, max_tokens=int(pick("max_tokens", 256)), chat=bool(pick("chat", False)))
+    args.dist_timeout = float(pick("dist_timeout", distributed.DEFAULT_TIMEOUT_S))
+    if args.dist_timeout <= 0:
+        raise InvalidInputError("--dist-timeout must be positive")
+    return TuneSettings(loop, max_tokens=int(pick("max_tokens", 256)), chat=bool(pick("chat", False)),
+                        data_shards=workers if pick("shard_data", False) else 1)
 
 
 def find_sidecar(model: Path, explicit: str | None) -> Path | None:
@@ -138,8 +154,9 @@ def find_sidecar(model: Path, explicit: str | None) -> Path | None:
 
 def _settings_json(s: TuneSettings) -> dict:
     loop = {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(s.loop).items()}
+    shards = {"data_shards": s.data_shards} if s.data_shards > 1 else {}  # absent: runs of any size agree
     return {**loop, "max_tokens": s.max_tokens, "chat": s.chat,
-            "valid_fraction": s.valid_fraction, "valid_max": s.valid_max}
+            "valid_fraction": s.valid_fraction, "valid_max": s.valid_max, **shards}
 
 
 def _split(n: int, s: TuneSettings) -> tuple[np.ndarray, np.ndarray]:
@@ -154,17 +171,36 @@ def _split(n: int, s: TuneSettings) -> tuple[np.ndarray, np.ndarray]:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    world = World.from_env()
     if args.model is None and args.data is None and not args.config:
-        from .. import demo
-
-        args.model, args.data, args.valid, args.sidecar = demo.prepare(args.sidecar)
-        for key, value in demo.DEMO_SETTINGS.items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
-        print(f"edge-zo tune: demo: {args.model} on {args.data}", file=sys.stderr)
-    settings = _resolve(args)
+        _demo(args)
+    settings = _resolve(args, world.size)
     if args.model is None or args.data is None:
         raise InvalidInputError("give both MODEL and DATA (or neither, for the demo)")
+    if world.size == 1:
+        return _run(args, settings, world, None)
+    if args.mask_from_data:
+        raise InvalidInputError("--mask-from-data picks the coordinates on one process: run it alone once, then "
+                                "tune under torchrun with --sidecar RUN/mask.gguf")
+    team = Team.join(world, args.dist_timeout)
+    try:
+        return _run(args, settings, world, team)
+    except BaseException as exc:  # so that the others name this worker's error, not just its silence
+        team.tell_failure(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        team.close()
+
+
+def _run(args, settings: TuneSettings, world: World, team: Team | None) -> int:
+    """One worker of world.size (one process: world.size == 1, team None). Every
+    worker loads the model and data; worker 0 alone writes the run folder."""
+    lead = world.is_main
+
+    def say(msg):
+        if lead:
+            print(f"edge-zo tune: {msg}", file=sys.stderr)
+
     model = Path(args.model)
     out = Path(args.output or Path("runs") / Path(args.data).stem)
 
@@ -198,8 +234,11 @@ def main(argv: list[str]) -> int:
             sidecar_path = out / "mask.gguf"
             sidecar.save(sidecar_path)
             mask_note = f"Fisher mask from the training data ({sidecar.n_params} coordinates) -> {sidecar_path}"
-        print(f"edge-zo tune: tuning {sidecar.n_params:,} coordinates in {len(sidecar.names)} matrices "
-              f"({mask_note})", file=sys.stderr)
+        say(f"tuning {sidecar.n_params:,} coordinates in {len(sidecar.names)} matrices ({mask_note})"
+            + (f" on {world.size} workers" if world.size > 1 else ""))
+        if settings.loop.directions % world.size:
+            say(f"note: --directions {settings.loop.directions} does not divide among {world.size} workers: "
+                f"some wait for the others every step; --directions {world.size} or a multiple keeps all busy")
         if np.any(sidecar.values):
             rt.attach(sidecar, source=str(sidecar_path))
         deltas = sidecar.with_values(np.zeros(sidecar.n_params, np.float32),
@@ -207,43 +246,72 @@ def main(argv: list[str]) -> int:
         rt.attach(deltas, source="deltas")
         live = deltas.values
 
+        shard = _shard(len(examples), settings.data_shards, world.rank)
+
         def loss(idx):
-            return rt.loss([examples[i] for i in idx]).mean
+            return rt.loss([examples[shard[i]] for i in idx]).mean
 
         has_choices = bool(valid_ex and valid_ex[0].choices)
 
         def evaluate():
+            if not lead:  # worker 0 validates; the others meet it at the next step's all-gather
+                return {}
             m = {"valid_loss": rt.loss(valid_ex).mean}
             if has_choices:
                 m["valid_accuracy"] = rt.accuracy(valid_ex)
             return m
 
         loop = settings.loop
+        identity = {
+            "settings": _settings_json(settings), "model_sha256": rt.info.sha256(),
+            "sidecar_sha256": file_sha256(sidecar_path), "data_sha256": file_sha256(args.data),
+            "n_train": len(examples), "n_valid": len(valid_ex), "n_params": sidecar.n_params,
+        }
+        if team is not None:
+            team.all_same("model, sidecar, data or settings", identity,
+                          hint="launch every worker with the same files and flags")
         lr_search = None
-        if loop.lr == "auto":
-            loop, lr_search = _search_lr(loop, live, len(examples), loss)
+        if loop.lr == "auto" and lead:  # the others get the chosen lr with the start state
+            loop, lr_search = _search_lr(loop, live, len(shard), loss)
             settings = dataclasses.replace(settings, loop=loop)
 
         run_info = {
-            "settings": _settings_json(settings), "model": str(model), "model_sha256": rt.info.sha256(),
-            "sidecar": str(sidecar_path), "sidecar_sha256": file_sha256(sidecar_path),
-            "data": str(args.data), "data_sha256": file_sha256(args.data),
-            "valid": str(args.valid) if args.valid else None, "n_train": len(examples), "n_valid": len(valid_ex),
-            "n_params": sidecar.n_params, "lr_search": lr_search, "edge_zo_version": _version(),
+            **identity, "settings": _settings_json(settings), "model": str(model), "sidecar": str(sidecar_path),
+            "data": str(args.data), "valid": str(args.valid) if args.valid else None, "lr_search": lr_search,
+            "edge_zo_version": _version(), "workers": world.size,
         }
-        if args.resume:
-            state = _resume(out, run_info, loop)
-        else:
-            if (out / run_dir.CHECKPOINT).exists():
-                raise InvalidInputError(f"{out} already holds a run: pass --resume to continue it, or choose another -o")
-            out.mkdir(parents=True, exist_ok=True)
-            (out / run_dir.METRICS).unlink(missing_ok=True)
-            run_dir.write_json(out / run_dir.RUN_JSON, run_info)
-            state = LoopState.fresh(np.zeros(sidecar.n_params, np.float32), loop)
+        resume = args.resume or (world.restarts > 0 and (out / run_dir.CHECKPOINT).exists())
+        if world.restarts > 0:
+            say(f"restart {world.restarts} by torchrun: " + (f"resuming from the checkpoint in {out}" if resume else
+                f"no checkpoint in {out} yet, starting from step 0"))
+        state, error = None, None
+        if lead:
+            try:
+                state = _start(out, run_info, loop, resume)
+            except EdgeZoError as exc:
+                if team is None:
+                    raise
+                error = exc
+        if team is not None:  # once per (re)start, so the other workers need neither the run folder nor its disk
+            mine = None if not lead else {"error": str(error)} if error else {
+                "lr": loop.lr, "step": state.step, "theta": state.theta, **state.opt.arrays()}
+            got = team.broadcast(mine)
+            if error is not None:
+                raise error
+            if "error" in got:
+                raise EdgeZoError(f"worker 0 stopped the run: {got['error']}")
+            if not lead:
+                loop = dataclasses.replace(loop, lr=got["lr"])
+                state = LoopState.fresh(got["theta"], loop)
+                state.step = got["step"]
+                for k, a in state.opt.arrays().items():
+                    a[:] = got[k]
 
-        tokens_per_step = 2 * loop.directions * int(np.mean([len(e.tokens) for e in examples]) * min(loop.batch_size, len(examples)))
+        tokens_per_step = 2 * loop.directions * int(np.mean([len(e.tokens) for e in examples]) * min(loop.batch_size, len(shard)))
 
         def report(rec):
+            if not lead:
+                return
             rec = dict(rec)
             if "step_seconds" in rec:
                 rec["tokens_per_s"] = tokens_per_step / rec["step_seconds"]
@@ -254,15 +322,19 @@ def main(argv: list[str]) -> int:
                 line = f"step {rec['step']:>5}  valid loss {rec['valid_loss']:.4f}{acc}"
                 (bar.write(line) if bar is not None else print(line, file=sys.stderr))
 
-        def checkpoint(st: LoopState):
-            run_dir.save_checkpoint(out, st)
-            run_dir.write_json(out / run_dir.TRAJECTORY, {
-                "seed": loop.seed, "optimizer": loop.optimizer.value, "scalars": st.scalars,
-                "note": "theta_T = edge_zo.spsa.replay(zeros, scalars, seed, optimizer, lr schedule of run.json)"})
-            deltas.with_values(st.theta).save(out / run_dir.DELTAS)
+        def checkpoint(st: LoopState, check: bool = True):
+            if team is not None and check:  # 16 bytes per worker: do all of them hold the same deltas?
+                team.all_same(f"deltas after step {st.step}", distributed.digest(st.theta),
+                              hint="their numpy builds round differently; use the same environment everywhere")
+            if lead:  # the trajectory before the checkpoint: a kill in between leaves a resumable pair
+                run_dir.write_json(out / run_dir.TRAJECTORY, {
+                    "seed": loop.seed, "optimizer": loop.optimizer.value, "scalars": st.scalars,
+                    "note": "theta_T = edge_zo.spsa.replay(zeros, scalars, seed, optimizer, lr schedule of run.json)"})
+                deltas.with_values(st.theta).save(out / run_dir.DELTAS)
+                run_dir.save_checkpoint(out, st)
 
         bar = None
-        if not args.quiet:
+        if not args.quiet and lead:
             from tqdm import tqdm
 
             bar = tqdm(total=loop.steps, initial=state.step, unit="step", dynamic_ncols=True, file=sys.stderr)
@@ -272,19 +344,30 @@ def main(argv: list[str]) -> int:
                 bar.update(1)
                 bar.set_postfix(loss=f"{info['loss']:.4f}", g=f"{info['projected_grad']:+.3g}")
 
+        gather = gather_local if team is None else (lambda local, stop: team.gather(local, stop, loop.directions))
+        again = "rerun the same command with --resume" + (" (under torchrun, or alone)" if team else "")
         t0 = time.perf_counter()
         try:
-            state = train(loop, state, n_examples=len(examples), live=live, loss=loss, evaluate=evaluate,
-                          report=report, checkpoint=checkpoint, progress=progress)
+            state = train(loop, state, n_examples=len(shard), live=live, loss=loss, evaluate=evaluate,
+                          report=report, checkpoint=checkpoint, progress=progress,
+                          rank=world.rank, workers=world.size, gather=gather)
         except Interrupted as exc:
             if bar is not None:
                 bar.close()
-            print(f"edge-zo tune: {exc}; checkpoint saved. Continue with: edge-zo tune {model} {args.data} "
-                  f"-o {out} --resume", file=sys.stderr)
+            say(f"{exc}; checkpoint saved. Continue with: edge-zo tune {model} {args.data} -o {out} --resume"
+                + (" (under the same torchrun command, or alone)" if team else ""))
             return 130
+        except WorkerLostError as exc:  # the steps so far are complete on every survivor: keep them
+            if lead:
+                checkpoint(state, check=False)
+                raise WorkerLostError(f"{exc}; worker 0 saved step {state.step} in {out}: {again}") from None
+            raise WorkerLostError(f"{exc}; step {state.step + 1} did not finish and worker 0 keeps the checkpoint "
+                                  f"in {out}: {again}") from None
         finally:
             if bar is not None:
                 bar.close()
+        if not lead:
+            return 0
         plot = run_dir.plot_losses(out)
 
     rows = run_dir.read_metrics(out)
@@ -292,12 +375,56 @@ def main(argv: list[str]) -> int:
     summary = f"valid loss {valid[0]['valid_loss']:.4f} -> {valid[-1]['valid_loss']:.4f}"
     if "valid_accuracy" in valid[-1]:
         summary += f", accuracy {valid[0]['valid_accuracy']:.3f} -> {valid[-1]['valid_accuracy']:.3f}"
-    print(f"edge-zo tune: {summary} in {time.perf_counter() - t0:.0f} s. Deltas: {out / run_dir.DELTAS}"
-          + (f", plot: {plot}" if plot else ""), file=sys.stderr)
+    say(f"{summary} in {time.perf_counter() - t0:.0f} s. Deltas: {out / run_dir.DELTAS}"
+        + (f", plot: {plot}" if plot else ""))
+    if team is not None:
+        say(f"{world.size} workers, {loop.directions} directions per step: each worker sent "
+            f"{distributed.step_sent_bytes(loop.directions, world.size)} bytes per step; worker 0 sent "
+            f"{team.sent['steps']:,} bytes in steps and {team.sent['setup']:,} at start-up and checkpoints")
     adapters = f"--adapter {sidecar_path} " if np.any(sidecar.values) else ""
-    print(f"edge-zo tune: try it: edge-zo generate {model} {adapters}--adapter {out / run_dir.DELTAS} -p \"...\"",
-          file=sys.stderr)
+    say(f"try it: edge-zo generate {model} {adapters}--adapter {out / run_dir.DELTAS} -p \"...\"")
     return 0
+
+
+def _demo(args) -> None:
+    """Fill in the embedded demo's model, data and settings (flags given win). Local
+    workers under torchrun take turns, so only the first builds the cache."""
+    import fcntl
+
+    from .. import corpora, demo
+
+    lock = corpora.cache_root().parent / "demo.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        args.model, args.data, args.valid, args.sidecar = demo.prepare(args.sidecar)
+    for key, value in demo.DEMO_SETTINGS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if World.from_env().is_main:
+        print(f"edge-zo tune: demo: {args.model} on {args.data}", file=sys.stderr)
+
+
+def _shard(n: int, shards: int, rank: int) -> np.ndarray:
+    """The training rows a worker draws its batches from: all of them, or with
+    --shard-data every shards-th one from its rank on (disjoint, fixed)."""
+    if shards == 1:
+        return np.arange(n)
+    if n < shards:
+        raise InvalidInputError(f"--shard-data: {n} training rows cannot give each of {shards} workers a shard")
+    return np.arange(rank, n, shards)
+
+
+def _start(out: Path, run_info: dict, loop: LoopConfig, resume: bool) -> LoopState:
+    """Worker 0: the state to start from, and the run folder ready for it."""
+    if resume:
+        return _resume(out, run_info, loop)
+    if (out / run_dir.CHECKPOINT).exists():
+        raise InvalidInputError(f"{out} already holds a run: pass --resume to continue it, or choose another -o")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / run_dir.METRICS).unlink(missing_ok=True)
+    run_dir.write_json(out / run_dir.RUN_JSON, run_info)
+    return LoopState.fresh(np.zeros(run_info["n_params"], np.float32), loop)
 
 
 def _resume(out: Path, run_info: dict, loop: LoopConfig) -> LoopState:
