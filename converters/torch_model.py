@@ -1,0 +1,89 @@
+"""A transformers model, in float32, holding the same numbers as a GGUF model.
+
+transformers can load a GGUF itself (`from_pretrained(dir, gguf_file=...)`),
+but it parses the header with gguf-py's GGUFReader three times, which costs
+~25 s of the 29 s it takes to load SmolLM2-135M. Here the config comes
+from transformers' own GGUF->config tables read through our fast header, the
+weights from gguf-py's dequantizers, and names and row order from
+`hf_names.Layout`; `convert` then checks that torch and llama.cpp agree on the
+loss of a calibration sequence before trusting any gradient.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge_zo.constants import OUTPUT
+from edge_zo.errors import InvalidInputError
+
+from .gguf_tensors import TensorFile
+from .hf_names import ArchSpec, Layout, gguf_names
+
+
+def config_from_gguf(tf: TensorFile, spec: ArchSpec):
+    from transformers import AutoConfig
+    from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+
+    arch = spec.gguf_arch
+    header = tf.header
+    kwargs = dict(GGUF_CONFIG_DEFAULTS_MAPPING.get(arch, {}))
+    for suffix, key in GGUF_CONFIG_MAPPING[arch].items():
+        value = header.get(f"{arch}.{suffix}")
+        if key is not None and value is not None:
+            kwargs[key] = value
+    if "vocab_size" not in kwargs:
+        kwargs["vocab_size"] = tf.tensors["token_embd.weight"].shape[0]
+    kwargs["tie_word_embeddings"] = OUTPUT not in tf.tensors
+    for key in ("bos", "eos", "padding"):
+        tok = header.get(f"tokenizer.ggml.{key}_token_id")
+        if tok is not None:
+            kwargs[f"{'pad' if key == 'padding' else key}_token_id"] = tok
+    return AutoConfig.for_model(spec.hf_model_type, **kwargs)
+
+
+def layout_of(config, spec: ArchSpec) -> Layout:
+    return Layout(spec, config.num_attention_heads, config.num_key_value_heads)
+
+
+def model_from_gguf(tf: TensorFile, spec: ArchSpec):
+    """(model, {parameter name: GGUF name}, Layout) for the GGUF in `tf`, dequantized to float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = config_from_gguf(tf, spec)
+    layout = layout_of(config, spec)
+    with no_init_weights():  # every parameter is overwritten below; random init would cost seconds
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    names = gguf_names([n for n, _ in model.named_parameters(remove_duplicate=False)], spec, config.num_hidden_layers)
+    state, missing = {}, []
+    for hf_name, gguf_name in names.items():
+        t = tf.tensors.get(gguf_name)
+        if t is None:
+            if gguf_name == OUTPUT and config.tie_word_embeddings:
+                continue
+            missing.append(gguf_name)
+            continue
+        state[hf_name] = torch.from_numpy(np.ascontiguousarray(layout.hf_value(gguf_name, t.dequantize())))
+    unmapped = [n for n, _ in model.named_parameters() if n not in names]
+    if missing or unmapped:
+        raise InvalidInputError(f"{tf.path}: cannot map the GGUF onto transformers' {type(model).__name__}: "
+                                f"missing tensors {missing[:5]}, unmapped parameters {unmapped[:5]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.eval()
+    return model, names, layout
+
+
+def model_from_hf(folder: Path, spec: ArchSpec):
+    """(model, names, Layout) for a Hugging Face folder, loaded in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.eval()
+    config = model.config
+    names = gguf_names([n for n, _ in model.named_parameters(remove_duplicate=False)], spec, config.num_hidden_layers)
+    return model, names, layout_of(config, spec)
