@@ -139,7 +139,9 @@ def test_split_zero_needs_the_sidecar_and_keep_does_not(tmp_path, calib_txt, mat
         # A 4-bit source keeps its bytes: keep is the source itself; zero + sidecar only adds FP16 rounding.
         assert (keep / MODEL_NAME).read_bytes()[-1000:] == tiny.path.read_bytes()[-1000:]
         assert dense_keep == pytest.approx(source, abs=1e-6 * abs(source))
-        assert abs(with_sidecar - source) < 0.01 * effect
+        # Noise floor: Q4 matmuls round their activations to 8 bits, so FP16 sidecar values move the
+        # loss by ~1% of the effect here (measured 1.3%); a wrong split would miss by ~100%.
+        assert abs(with_sidecar - source) < 0.03 * effect
     else:
         # An F32 source is quantized to Q4_1. Taking the largest weights out before quantizing shrinks
         # every block's range, so dense + sidecar is closer to the source than quantizing everything.
