@@ -64,6 +64,7 @@ class ContextParams:
     flash_attn: int = -1
     verbose: bool = False
     extra_bufts: bool = False
+    kv_unified: bool = False
 
 
 class NativeModel:

@@ -23,6 +23,12 @@ class RuntimeOptions:
     gpu_layers: int = 0
     kv_f32: bool = False
     verbose: bool = False
+    # One KV cache shared by the batch instead of one per sequence. None: shared on a GPU
+    # (gpu_layers > 0) when max_tokens < 256, where llama.cpp would pad every sequence's cache
+    # to 256 cells (docs/gpu.md); per sequence otherwise, which keeps batched losses equal to
+    # one-by-one losses bit for bit on the CPU.
+    kv_unified: bool | None = None
+    ubatch: int = 0              # tokens per graph; 0: 512 on the CPU, the whole batch up to 1024 on a GPU
 
 
 @dataclass
@@ -47,12 +53,20 @@ class Runtime:
         self.info = ModelInfo.open(model_path)
         self.options = options
         threads = options.threads or os.cpu_count() or 1
-        self.native = NativeModel(str(model_path), ContextParams(
-            n_ctx_seq=options.max_tokens, n_seq_max=options.batch_size,
-            n_batch=max(options.max_tokens, min(options.batch_size * options.max_tokens, 4096)),
-            n_ubatch=512, n_threads=threads, n_gpu_layers=options.gpu_layers,
+        n_batch = max(options.max_tokens, min(options.batch_size * options.max_tokens, 4096))
+        on_gpu = options.gpu_layers > 0
+        kv_unified = options.kv_unified
+        if kv_unified is None:
+            kv_unified = on_gpu and options.max_tokens < 256 and options.batch_size > 1
+        # Each node the sparse path patches stops llama.cpp's graph; on a GPU every stop costs a
+        # synchronization, so one graph for the whole batch (16 x 64 tokens: 1024) halves them.
+        ubatch = options.ubatch or (min(n_batch, 1024) if on_gpu else 512)
+        self.context_params = ContextParams(
+            n_ctx_seq=options.max_tokens, n_seq_max=options.batch_size, n_batch=n_batch,
+            n_ubatch=ubatch, n_threads=threads, n_gpu_layers=options.gpu_layers, kv_unified=kv_unified,
             # Flash attention rounds K and V through F16 whatever the cache type: off with an F32 cache.
-            kv_f32=options.kv_f32, flash_attn=0 if options.kv_f32 else -1, verbose=options.verbose))
+            kv_f32=options.kv_f32, flash_attn=0 if options.kv_f32 else -1, verbose=options.verbose)
+        self.native = NativeModel(str(model_path), self.context_params)
         self.attachments: list[Attachment] = []
 
     def close(self):

@@ -424,6 +424,7 @@ void ez_default_params(ez_model_params *p) {
     p->flash_attn = -1;
     p->verbose = 0;
     p->extra_bufts = 0;
+    p->kv_unified = 0;
 }
 
 int ez_model_open(const char *path, const ez_model_params *p, ez_model **out) {
@@ -465,7 +466,12 @@ int ez_model_open(const char *path, const ez_model_params *p, ez_model **out) {
     cp.n_ctx = (uint32_t)p->n_ctx_seq * (uint32_t)p->n_seq_max;
     cp.n_batch = (uint32_t)p->n_batch;
     cp.n_ubatch = (uint32_t)(p->n_ubatch < p->n_batch ? p->n_ubatch : p->n_batch);
-    cp.kv_unified = false; /* per-sequence caches: batched == one by one */
+    /* 0: a cache per sequence, so a batched loss equals the one-by-one losses bit for bit on the
+     * CPU; but llama.cpp pads each to 256 cells (16 x 64 tokens of a 7B model: 2 GiB of KV).
+     * 1: one cache of n_ctx_seq * n_seq_max cells, padded once (0.5 GiB there); each sequence's
+     * attention then also runs over the others' cells, masked out, which may change the last
+     * bits (docs/gpu.md). llama_n_ctx_seq is then the whole cache. */
+    cp.kv_unified = p->kv_unified != 0;
     cp.no_perf = true;
     cp.cb_eval = eval_callback;
     cp.cb_eval_user_data = m;

