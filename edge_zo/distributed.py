@@ -25,17 +25,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import EdgeZoError, InvalidInputError
+from .errors import EdgeZoError, InvalidInputError, WorkerLostError
 from .spsa import Estimate
 
 DEFAULT_TIMEOUT_S = 300.0
 FIELDS = 3            # g, L+, L− of a direction, float64 on the wire
 WORD = 8              # bytes of a float64
 LOST_GRACE_S = 5.0    # after a failed collective, how long survivors wait for each other to check in
-
-
-class WorkerLostError(EdgeZoError, RuntimeError):
-    """A worker died, hung past the timeout, or never joined."""
 
 
 @dataclass(frozen=True)

@@ -27,3 +27,7 @@ class NativeRuntimeError(EdgeZoError, RuntimeError):
 
 class NativeBuildError(EdgeZoError, ImportError):
     """The compiled extension is missing or does not load."""
+
+
+class WorkerLostError(EdgeZoError, RuntimeError):
+    """A worker of a distributed run died, hung past the timeout, or never joined."""

@@ -34,8 +34,8 @@ from .. import distributed, run_dir
 from ..adapter import SparseAdapter
 from ..constants import Sparse
 from ..dataset import Tokenizer, load_jsonl
-from ..distributed import Team, WorkerLostError, World
-from ..errors import EdgeZoError, InvalidInputError
+from ..distributed import Team, World
+from ..errors import EdgeZoError, InvalidInputError, WorkerLostError
 from ..model_info import file_sha256
 from ..runtime import Runtime
 from ..spsa import Optimizer, Schedule
