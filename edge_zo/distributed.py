@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import EdgeZoError, InvalidInputError, WorkerLostError
+from .errors import InvalidInputError, WorkerLostError
 from .spsa import Estimate
 
 DEFAULT_TIMEOUT_S = 300.0
