@@ -395,30 +395,42 @@ def table_eps(args) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.3))
-        for kv in ("F16", "F32"):
-            cs = [c for c in cells if (c.kv_f32 == (kv == "F32"))]
-            rs = [r for r, c in zip(rows, cells) if c in cs]
-            a1.plot([c.eps for c in cs], [r["pearson_r"] for r in rs], "o-", label=f"Pearson r, KV {kv}")
-            a1.plot([c.eps for c in cs], [r["slope"] for r in rs], "x--", label=f"slope, KV {kv}")
+        fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.3))
+        for kv, mark in (("F16", "o-"), ("F32", "s--")):
+            rs = [r for r in rows if r["kv"] == kv]
+            if not rs:
+                continue
+            a1.plot([r["eps"] for r in rs], [r["pearson_r"] for r in rs], mark, label=f"Pearson r, KV {kv}")
+            a1.plot([r["eps"] for r in rs], [r["slope"] for r in rs], mark[0] + ":", alpha=0.6,
+                    label=f"slope native/exact, KV {kv}")
+            a2.plot([r["eps"] for r in rs], [r["noise_dloss_std"] for r in rs], mark,
+                    label=f"std of L+ − L− beyond 2ε·slope·z·∇L, KV {kv}")
+        rs = [r for r in rows if r["kv"] == "F16"] or rows
+        a2.plot([r["eps"] for r in rs], [r["signal_dloss_rms"] for r in rs], "k-", lw=1,
+                label="signal 2ε·rms(z·∇L) (exact)")
+        for a in (a1, a2):
+            a.set_xscale("log")
+            a.set_xlabel("ε")
+            a.axvline(DEFAULT_EPS, color="grey", lw=0.8, ls=":")
         a1.axhline(0.9, color="grey", lw=0.8, ls=":")
-        a1.axvline(DEFAULT_EPS, color="grey", lw=0.8, ls=":")
-        a1.set_xscale("log")
-        a1.set_xlabel("ε")
-        a1.set_ylim(min(0.0, *[r["pearson_r"] for r in rows]) - 0.05, 1.1)
-        a1.set_title(f"native vs exact z·∇L, batch {b}, {args.directions} directions")
-        a1.legend(fontsize=8)
-        default = next((c for c in cells if c.eps == DEFAULT_EPS and not c.kv_f32), cells[0])
-        for c in cells:
-            if c.eps in (default.eps, min(args.eps)) and not c.kv_f32 or c is default:
-                ng, ex = pts[c]
-                a2.scatter(ex, ng, s=12, label=f"ε={c.eps:g}, KV {'F32' if c.kv_f32 else 'F16'}")
-        lim = max(abs(pts[default][1]).max(), 1e-9) * 1.2
-        a2.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8)
-        a2.set_xlabel("exact z·∇L (torch autograd, fp32)")
-        a2.set_ylabel("native (L+ − L−)/2ε (llama.cpp)")
-        a2.set_title("per direction")
-        a2.legend(fontsize=8)
+        a1.set_ylim(-0.3, 1.3)
+        a1.set_title(f"native vs exact z·∇L: batch {b}, {args.directions} directions", fontsize=9)
+        a1.legend(fontsize=7)
+        a2.set_yscale("log")
+        a2.set_ylabel("nats")
+        a2.set_title("L+ − L−: signal and what is not signal", fontsize=9)
+        a2.legend(fontsize=7)
+        shown = [c for c in cells if not c.kv_f32 and c.eps in (1e-3, DEFAULT_EPS, 3e-2)] or cells[:1]
+        lim = 0.0
+        for c in shown:
+            ng, ex = pts[c]
+            a3.scatter(ex, ng, s=12, label=f"ε={c.eps:g}, KV F16")
+            lim = max(lim, abs(ex).max() * 1.2)
+        a3.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8)
+        a3.set_xlabel("exact z·∇L (torch autograd, fp32)")
+        a3.set_ylabel("native (L+ − L−)/2ε (llama.cpp)")
+        a3.set_title("per direction (grey: native = exact)", fontsize=9)
+        a3.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(png, dpi=110)
 
@@ -526,7 +538,7 @@ def table_noise(args) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 3.6))
+        fig, ax = plt.subplots(figsize=(10, 3.8))
         labels = [f"{r['dense']}, KV {r['kv']}" for r in rows]
         keys = [k for k in rows[0] if k.startswith("loss_at_+dz") or k == "loss_at_-dz"]
         x = np.arange(len(rows))
@@ -538,7 +550,7 @@ def table_noise(args) -> None:
         ax.set_xticks(x, labels)
         ax.set_ylabel("loss change (nats)")
         ax.set_title(f"loss change from a δ={delta:g} perturbation, batch {args.batch}", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         fig.savefig(png, dpi=110)
 
