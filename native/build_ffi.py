@@ -157,6 +157,9 @@ ffibuilder.set_source(
     libraries=libraries,
     define_macros=macros,
     extra_objects=extra_objects,
+    # setuptools relinks only when a dependency is newer than the extension: without these, an edited
+    # edge_zo_cuda.cu (recompiled above) or header left the old kernels in the module.
+    depends=[*extra_objects, str(HEADER), str(HERE / "edge_zo_cuda.h")],
     extra_compile_args=["-O3", "-std=gnu11", *openmp],
     extra_link_args=[*openmp, *(f"-Wl,-rpath,{r}" for r in rpaths), f"-Wl,-rpath,{lib_dir}"],
 )

@@ -27,7 +27,8 @@ int ez_cuda_matrix_new(int device, const int32_t *rows, const int32_t *cols, int
                        int64_t n_out, int64_t n_expert, ez_cuda_matrix **out);
 void ez_cuda_matrix_free(ez_cuda_matrix *a);
 /* The slot's current n values to the device, in two steps: stage copies them
- * into the matrix's pinned host buffer (host work only: several matrices may
+ * into the matrix's pinned host buffer, in the device layout's order (host
+ * work only: several matrices may
  * be staged at once from several threads), upload queues the copy to the
  * device on the device's stream. Stage only while no upload of the same
  * matrix is pending, i.e. after ez_cuda_sync. set_values does both. */
@@ -47,6 +48,8 @@ int ez_cuda_get_rows(const ez_cuda_matrix *a, const void *ids, const size_t *inb
 
 /* Wait for everything queued on the device's stream. */
 int ez_cuda_sync(int device);
+/* The device's stream (a cudaStream_t), once a matrix exists there: for timing in bench/gpu/kernel_check.cu. */
+void *ez_cuda_stream(int device);
 const char *ez_cuda_error_string(int code);
 
 #ifdef __cplusplus

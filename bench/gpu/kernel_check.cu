@@ -226,6 +226,116 @@ static void check_values_update() {
     ez_cuda_matrix_free(a);
 }
 
+
+/* ---- the previous MUL_MAT kernel (CSR: a thread per row, a row's entries stored together), kept
+ * here only to time it beside the current one on the same inputs (docs/gpu.md) ---- */
+template <int TILE, bool SMEM>
+__global__ void __launch_bounds__(256)
+legacy_k_mul_mat(const int32_t *__restrict__ urows, const int32_t *__restrict__ ustart, const int32_t *__restrict__ cols,
+          const float *__restrict__ vals, int64_t n_urows, int32_t n_in, const char *__restrict__ x, size_t xnb1,
+          size_t xnb2, size_t xnb3, char *__restrict__ y, size_t ynb1, size_t ynb2, size_t ynb3, int64_t ne1,
+          int64_t ne2, int64_t n_tok, bool vec4) {
+    extern __shared__ float xs[];
+    for (int64_t t0 = (int64_t)blockIdx.y * TILE; t0 < n_tok; t0 += (int64_t)gridDim.y * TILE) {
+        const float *xr[TILE];
+        float *yr[TILE];
+        bool live[TILE];
+#pragma unroll
+        for (int k = 0; k < TILE; k++) {
+            live[k] = t0 + k < n_tok;
+            const int64_t t = live[k] ? t0 + k : t0;
+            const int64_t i1 = t % ne1, i2 = (t / ne1) % ne2, i3 = t / (ne1 * ne2);
+            xr[k] = (const float *)(x + i1 * xnb1 + i2 * xnb2 + i3 * xnb3);
+            yr[k] = (float *)(y + i1 * ynb1 + i2 * ynb2 + i3 * ynb3);
+        }
+        if (SMEM) {
+            __syncthreads(); /* the previous tile's readers are done with xs */
+#pragma unroll
+            for (int k = 0; k < TILE; k++) {
+                if (!live[k]) continue;
+                if (vec4) {
+                    const float4 *src = (const float4 *)xr[k];
+                    float4 *dst = (float4 *)(xs + k * n_in);
+#pragma unroll 4
+                    for (int32_t i = threadIdx.x; i < n_in / 4; i += blockDim.x) dst[i] = src[i];
+                } else {
+#pragma unroll 4
+                    for (int32_t i = threadIdx.x; i < n_in; i += blockDim.x) xs[k * n_in + i] = xr[k][i];
+                }
+            }
+            __syncthreads();
+        }
+#pragma unroll 2 /* several rows' load chains in flight per thread */
+        for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < n_urows;
+             u += (int64_t)gridDim.x * blockDim.x) {
+            const int32_t row = urows[u], j1 = ustart[u + 1];
+            float acc[TILE];
+#pragma unroll
+            for (int k = 0; k < TILE; k++) acc[k] = live[k] ? yr[k][row] : 0.0f;
+#pragma unroll 4 /* several entries' loads in flight; the sums stay in entry order */
+            for (int32_t j = ustart[u]; j < j1; j++) {
+                const int32_t c = cols[j];
+                const float v = vals[j];
+#pragma unroll
+                for (int k = 0; k < TILE; k++) /* dead lanes compute garbage that is never stored */
+                    acc[k] = __fadd_rn(acc[k], __fmul_rn(v, SMEM ? xs[k * n_in + c] : xr[k][c]));
+            }
+#pragma unroll
+            for (int k = 0; k < TILE; k++)
+                if (live[k]) yr[k][row] = acc[k];
+        }
+    }
+}
+
+struct legacy_matrix {
+    int32_t *urows, *ustart, *cols;
+    float *vals;
+    int64_t n_urows;
+};
+
+static legacy_matrix legacy_new(const std::vector<int32_t> &rows, const std::vector<int32_t> &cols,
+                                const std::vector<float> &vals) {
+    std::vector<int32_t> ur, us;
+    for (size_t i = 0; i < rows.size(); i++)
+        if (i == 0 || rows[i] != rows[i - 1]) ur.push_back(rows[i]), us.push_back((int32_t)i);
+    us.push_back((int32_t)rows.size());
+    legacy_matrix m;
+    m.urows = to_device(ur), m.ustart = to_device(us), m.cols = to_device(cols), m.vals = to_device(vals);
+    m.n_urows = (int64_t)ur.size();
+    return m;
+}
+
+static void legacy_free(legacy_matrix &m) { cudaFree(m.urows), cudaFree(m.ustart), cudaFree(m.cols), cudaFree(m.vals); }
+
+/* The old launcher's choices: tile by 100 KB, rows split until a thread owns 16, two blocks per SM. */
+static void legacy_launch(const legacy_matrix &m, int32_t n_in, const float *x, float *y, int64_t n_out, int64_t n_tok,
+                          cudaStream_t st) {
+    static int n_sm = 0, optin = 0;
+    if (!n_sm) {
+        CK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, 0));
+        CK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0));
+        CK(cudaFuncSetAttribute(legacy_k_mul_mat<8, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+        CK(cudaFuncSetAttribute(legacy_k_mul_mat<4, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+        CK(cudaFuncSetAttribute(legacy_k_mul_mat<2, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+        CK(cudaFuncSetAttribute(legacy_k_mul_mat<1, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    }
+    int tile = 8;
+    while (tile > 1 && ((size_t)tile * n_in * 4 > 100 * 1024 || tile / 2 >= n_tok)) tile /= 2;
+    const size_t shmem = (size_t)tile * n_in * 4;
+    const int64_t row_blocks = (m.n_urows + 255) / 256;
+    dim3 grid;
+    grid.y = (unsigned)std::min<int64_t>((n_tok + tile - 1) / tile, 65535);
+    const int64_t want = (m.n_urows + 256 * 16 - 1) / (256 * 16), fill = (2 * n_sm + grid.y - 1) / grid.y;
+    grid.x = (unsigned)std::max<int64_t>(1, std::min<int64_t>(std::max(want, fill), row_blocks));
+    const size_t xb = (size_t)n_in * 4, yb = (size_t)n_out * 4;
+    const bool vec4 = n_in % 4 == 0;
+#define LEG(T) legacy_k_mul_mat<T, true><<<grid, 256, shmem, st>>>(m.urows, m.ustart, m.cols, m.vals, m.n_urows, n_in, \
+        (const char *)x, xb, xb * n_tok, xb * n_tok, (char *)y, yb, yb * n_tok, yb * n_tok, n_tok, 1, n_tok, vec4)
+    if (tile == 8) LEG(8); else if (tile == 4) LEG(4); else if (tile == 2) LEG(2); else LEG(1);
+#undef LEG
+    CK(cudaGetLastError());
+}
+
 /* Host-clock time of one apply as edge_zo.c does it: launch + synchronize (median of `reps`), and of
  * one values upload. Shapes: the block matmuls of SmolLM2-135M and Llama-2-7B, 0.1% entries. */
 static double now_us() {
@@ -234,6 +344,10 @@ static double now_us() {
     return ts.tv_sec * 1e6 + ts.tv_nsec * 1e-3;
 }
 
+/* Per shape: the host-clock time of one apply as edge_zo.c does it (launch + synchronize, warm
+ * caches), the GPU time of the kernel alone with the L2 cache flushed first (in a forward, x and y
+ * were last touched by llama.cpp's matmul, and the entries by nobody for a whole layer), the same
+ * for the previous CSR kernel, and one values upload (stage + copy). Medians of 30. */
 static void time_mul_mat(const char *name, int64_t n_in, int64_t n_out, int64_t n_tok) {
     std::vector<int32_t> rows, cols;
     std::vector<float> vals;
@@ -245,8 +359,17 @@ static void time_mul_mat(const char *name, int64_t n_in, int64_t n_out, int64_t 
     const int64_t ne[4] = {n_out, n_tok, 1, 1};
     ez_cuda_matrix *a;
     CK(ez_cuda_matrix_new(0, rows.data(), cols.data(), (int64_t)rows.size(), n_in, n_out, 1, &a));
+    legacy_matrix lm = legacy_new(rows, cols, vals);
     float *dx = to_device(x), *dy = to_device(y);
-    std::vector<double> t_apply, t_upload;
+    static char *flush = nullptr;
+    const size_t flush_bytes = 256u << 20; /* well over the 50 MB L2 of an H100 */
+    if (!flush) CK(cudaMalloc((void **)&flush, flush_bytes));
+    cudaStream_t st;
+    cudaEvent_t e0, e1;
+    CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    std::vector<double> t_apply, t_upload, t_gpu, t_legacy;
     for (int r = 0; r < 30; r++) {
         double t = now_us();
         CK(ez_cuda_matrix_set_values(a, vals.data()));
@@ -256,16 +379,71 @@ static void time_mul_mat(const char *name, int64_t n_in, int64_t n_out, int64_t 
         CK(ez_cuda_mul_mat(a, dx, xnb, dy, ynb, ne));
         CK(ez_cuda_sync(0));
         t_apply.push_back(now_us() - t);
+        /* GPU time, L2 flushed: events on the library's own stream around the kernel. */
+        float ms;
+        cudaStream_t ls = (cudaStream_t)ez_cuda_stream(0);
+        CK(cudaMemsetAsync(flush, r & 0xff, flush_bytes, ls));
+        CK(cudaEventRecord(e0, ls));
+        CK(ez_cuda_mul_mat(a, dx, xnb, dy, ynb, ne));
+        CK(cudaEventRecord(e1, ls));
+        CK(cudaEventSynchronize(e1));
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        t_gpu.push_back(ms * 1e3);
+        CK(cudaMemsetAsync(flush, r & 0xff, flush_bytes, st));
+        CK(cudaEventRecord(e0, st));
+        legacy_launch(lm, (int32_t)n_in, dx, dy, n_out, n_tok, st);
+        CK(cudaEventRecord(e1, st));
+        CK(cudaEventSynchronize(e1));
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        t_legacy.push_back(ms * 1e3);
     }
     std::sort(t_apply.begin(), t_apply.end());
     std::sort(t_upload.begin(), t_upload.end());
-    printf("time %-22s n_in %6lld n_out %6lld tokens %5lld entries %6zu: apply %7.1f us, values upload %7.1f us\n",
-           name, (long long)n_in, (long long)n_out, (long long)n_tok, rows.size(), t_apply[15], t_upload[15]);
+    std::sort(t_gpu.begin(), t_gpu.end());
+    std::sort(t_legacy.begin(), t_legacy.end());
+    printf("time %-22s n_in %6lld n_out %6lld tokens %5lld entries %6zu: apply %7.1f us, cold %7.1f us "
+           "(previous kernel %7.1f us), values upload %7.1f us\n",
+           name, (long long)n_in, (long long)n_out, (long long)n_tok, rows.size(), t_apply[15], t_gpu[15],
+           t_legacy[15], t_upload[15]);
+    cudaEventDestroy(e0), cudaEventDestroy(e1), cudaStreamDestroy(st);
     cudaFree(dx), cudaFree(dy);
+    legacy_free(lm);
     ez_cuda_matrix_free(a);
 }
 
-int main() {
+/* `kernel_check profile`: one launch of the current and of the previous MUL_MAT kernel per 7B shape at
+ * 1024 tokens and nothing else, for a profiler (ncu -k regex:k_mul_mat). */
+static void profile_shapes() {
+    const int64_t shapes[3][2] = {{4096, 4096}, {4096, 11008}, {11008, 4096}};
+    for (auto &sh : shapes) {
+        const int64_t n_in = sh[0], n_out = sh[1], n_tok = 1024;
+        std::vector<int32_t> rows, cols;
+        std::vector<float> vals;
+        entries(n_in, n_out, 1, n_in * n_out / 1000, rows, cols, vals);
+        std::vector<float> x(n_in * n_tok, 0.5f), y(n_out * n_tok, 0.0f);
+        const size_t xnb[4] = {4, (size_t)n_in * 4, (size_t)(n_in * n_tok) * 4, (size_t)(n_in * n_tok) * 4};
+        const size_t ynb[4] = {4, (size_t)n_out * 4, (size_t)(n_out * n_tok) * 4, (size_t)(n_out * n_tok) * 4};
+        const int64_t ne[4] = {n_out, n_tok, 1, 1};
+        ez_cuda_matrix *a;
+        CK(ez_cuda_matrix_new(0, rows.data(), cols.data(), (int64_t)rows.size(), n_in, n_out, 1, &a));
+        CK(ez_cuda_matrix_set_values(a, vals.data()));
+        legacy_matrix lm = legacy_new(rows, cols, vals);
+        float *dx = to_device(x), *dy = to_device(y);
+        CK(ez_cuda_mul_mat(a, dx, xnb, dy, ynb, ne));
+        CK(ez_cuda_sync(0));
+        legacy_launch(lm, (int32_t)n_in, dx, dy, n_out, n_tok, 0);
+        CK(cudaDeviceSynchronize());
+        cudaFree(dx), cudaFree(dy);
+        legacy_free(lm);
+        ez_cuda_matrix_free(a);
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "profile") == 0) {
+        profile_shapes();
+        return 0;
+    }
     int smem = 0;
     CK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0));
     printf("device 0: %d bytes of shared memory per block\n", smem);
@@ -276,12 +454,16 @@ int main() {
     check_mul_mat(30000, 256, 5, 3, 7000, 30000);       /* tile 1 */
     check_mul_mat(70000, 64, 9, 1, 4000, 70000);        /* no tile fits: global gathers */
     check_mul_mat(128, 100000, 1, 1, 20000, 128);       /* one token, many rows */
+    check_mul_mat(64, 48, 5, 1, 2000, 64);              /* about 42 entries a row: more steps than lanes */
+    check_mul_mat(4096, 4096, 1024, 1, 16777, 4096);    /* a whole 16 x 64 batch in one graph */
     check_mul_mat_id(256, 128, 8, 2, 1, 33, 5000);      /* ne11 = 1: input shared by the used experts */
     check_mul_mat_id(256, 128, 8, 4, 4, 20, 5000);
+    check_mul_mat_id(256, 100, 5, 2, 2, 17, 3000);      /* slices end at each expert's last row */
+    check_mul_mat_id(256, 128, 1, 1, 1, 9, 2000);       /* one expert */
     check_get_rows(576, 49152, 300, 28000);
     check_get_rows(64, 10, 50, 400);                    /* dense rows, many repeats */
     check_values_update();
-    for (int64_t n_tok : {512, 64}) {
+    for (int64_t n_tok : {1024, 512, 64}) {
         time_mul_mat("smollm2 attn_q/output", 576, 576, n_tok);
         time_mul_mat("smollm2 ffn_gate/up", 576, 1536, n_tok);
         time_mul_mat("smollm2 ffn_down", 1536, 576, n_tok);

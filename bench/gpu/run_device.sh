@@ -11,6 +11,7 @@
 #                  the CUDA kernels (EDGE_ZO_CUDA=1)
 #   pack           those llama.cpp libraries as llama-cuda-libs.tar.xz, to carry next time
 #   kernels        bench/gpu/kernel_check.cu: the CUDA kernels against a host reference, bit for bit
+#   profile        Nsight Compute (ncu, where installed) on the MUL_MAT kernels at 7B widths
 #   test           pytest tests/test_gpu.py
 #   bench-smollm2  bench/gpu/bench.py on SmolLM2-135M's shape (random Q4_0), all layers on the
 #                  GPU, then half of them (--gpu-layers 16)
@@ -18,6 +19,7 @@
 #                  runtime's own settings (on a GPU: one KV cache for the batch, one graph per
 #                  forward), then with the previous ones (a cache per sequence, 512-token graphs)
 #   bench-7b-again the first of those once more (for repeats: name it several times)
+#   bench-smollm2-again  the first SmolLM2 run once more
 #   unified        bench/gpu/unified_check.py on both shapes: batched vs one-by-one losses with a
 #                  shared KV cache and with a cache per sequence
 #   bench-distributed  bench/distributed.py on the CPU cores (the GPU hidden), a SmolLM2-shaped
@@ -100,7 +102,7 @@ build_llama() {
 
 build_ext() {
     EDGE_ZO_CUDA=1 EDGE_ZO_CUDA_ARCH=90 EDGE_ZO_LLAMA_INCLUDE="$LLAMA/src/include:$LLAMA/src/ggml/include" \
-        EDGE_ZO_LLAMA_LIB="$LLAMA/lib" python3 setup.py build_ext --inplace -q > "$OUT/ext_build.log" 2>&1 \
+        EDGE_ZO_LLAMA_LIB="$LLAMA/lib" python3 setup.py build_ext --inplace --force -q > "$OUT/ext_build.log" 2>&1 \
         || { tail -40 "$OUT/ext_build.log"; exit 1; }
 }
 
@@ -180,6 +182,21 @@ kernels() {
     done
 }
 
+# Nsight Compute on one launch per 7B shape of the current and the previous MUL_MAT kernel.
+profile() {
+    local ncu
+    ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)
+    [ -n "$ncu" ] || { say "no ncu here"; return; }
+    mkdir -p build
+    [ -x build/kernel_check ] || nvcc -O2 -std=c++17 -arch=sm_90 -Xcompiler -ffp-contract=off -Inative \
+        bench/gpu/kernel_check.cu native/edge_zo_cuda.cu -o build/kernel_check
+    timeout "$(budget 200)" "$ncu" -k regex:k_mul_mat --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section WarpStateStats --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
+        --metrics l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__thread_inst_executed_per_inst_executed.ratio,smsp__inst_executed.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum,lts__t_sectors_srcunit_tex_op_read.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+        build/kernel_check profile > "$OUT/ncu.log" 2>&1 || say "ncu failed"
+    grep -vE "^==PROF==|^\s*$" "$OUT/ncu.log" | head -400
+}
+
 run_tests() {
     local b
     b=$(budget 300)
@@ -241,6 +258,17 @@ bench_7b_again() {
     bench_7b_run "bench_7b_run$REPEAT" 9 6
 }
 
+bench_smollm2_again() {
+    local b
+    make_smollm2
+    REPEAT_S=$((${REPEAT_S:-1} + 1))
+    b=$(budget 60)
+    [ "$b" -gt 0 ] || { say "skipped: no time left"; return; }
+    timeout "$b" python3 bench/gpu/bench.py --model "$MODELS/smollm2_q4_0.gguf" --gpu-layers 99 --rounds 15 \
+        --steps 10 --out "$OUT/bench_smollm2_run$REPEAT_S.json" > "$OUT/bench_smollm2_run$REPEAT_S.log" 2>&1 \
+        || tail -20 "$OUT/bench_smollm2_run$REPEAT_S.log"
+}
+
 unified() {
     local b
     make_smollm2
@@ -292,10 +320,12 @@ for s in "${stages[@]}"; do
         setup) setup ;;
         pack) pack ;;
         kernels) kernels ;;
+        profile) profile ;;
         test) run_tests ;;
         bench-smollm2) bench_smollm2 ;;
         bench-7b) bench_7b ;;
         bench-7b-again) bench_7b_again ;;
+        bench-smollm2-again) bench_smollm2_again ;;
         unified) unified ;;
         bench-distributed) bench_distributed ;;
         fallback) fallback ;;
