@@ -19,8 +19,6 @@ source at every sensitive coordinate up to FP16 rounding.
 from __future__ import annotations
 
 import enum
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import gguf
 import numpy as np
 
 from converters.gguf_copy import copy_fields
+from edge_zo.atomic import atomic_path
 from edge_zo.constants import OUTPUT, TOKEN_EMBD, General
 from edge_zo.errors import InvalidInputError
 
@@ -86,11 +85,8 @@ def write_dense(tf: TensorFile, out_path: Path, plan: TypePlan, mask: dict[str, 
     """Write the dense model atomically; return {name: dense value at each masked index}."""
     from tqdm import tqdm
 
-    out_path = Path(out_path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
     dense_at = {}
-    try:
+    with atomic_path(out_path) as tmp:
         w = gguf.GGUFWriter(tmp, tf.header.get(General.ARCHITECTURE))
         if "general.alignment" in tf.header.fields:
             w.data_alignment = int(tf.header.get("general.alignment"))
@@ -113,13 +109,6 @@ def write_dense(tf: TensorFile, out_path: Path, plan: TypePlan, mask: dict[str, 
                 dense_at[name] = codes.values_at(plan.types[name], raw, idx)
             w.write_tensor_data(raw)
         w.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp made it private; a model file is not
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return dense_at
 
 

@@ -19,14 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import gguf
 import numpy as np
 
+from edge_zo.atomic import atomic_path
 from edge_zo.errors import InvalidInputError, ModelFileError
 
 from .hf_names import ArchSpec, Layout, gguf_names, spec_for_hf
@@ -68,9 +67,7 @@ def write_gguf(folder: Path, out: Path) -> Path:
     if not files:
         raise ModelFileError(f"{folder}: no *.safetensors weights (other formats are not supported)")
     tokenizer = _hf_tokenizer(folder)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(tmp, spec.gguf_arch)
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(config.get("_name_or_path") or folder.name)
@@ -78,11 +75,7 @@ def write_gguf(folder: Path, out: Path) -> Path:
         _add_hparams(w, config, spec)
         _add_tensors(w, files, config, spec, n_vocab)
         w.close()
-        _check_tokenizer(Path(tmp), tokenizer)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        _check_tokenizer(tmp, tokenizer)
     return out
 
 

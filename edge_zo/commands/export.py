@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .. import atomic
 from ..adapter import SparseAdapter
 from ..dataset import Tokenizer, load_jsonl
 from ..errors import InvalidInputError
@@ -144,15 +145,7 @@ def _losses(args, adapters: list[SparseAdapter], adapter_file: Path, merged: Pat
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _summary(r: dict, report_path: Path) -> str:
