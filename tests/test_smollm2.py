@@ -88,7 +88,7 @@ def test_tune_learns_personal_facts_with_default_settings(smollm2, tmp_path, cap
     assert cli(["tune", str(smollm2), str(data), "--valid", str(data), "--mask-from-data", "-o", str(out),
                 "--steps", "40", "--batch-size", "6", "--max-tokens", "32", "--eval-every", "40", "--quiet"]) == 0
     valid = [r["valid_loss"] for r in run_dir.read_metrics(out) if "valid_loss" in r]
-    assert valid[-1] < valid[0] - 0.1, valid  # measured: 3.862 -> 3.661
+    assert valid[-1] < valid[0] - 0.1, valid  # measured: 3.862 -> 3.669 (ε 3e-3), 3.661 (ε 1e-2)
     # The deltas file alone (beside the zero-valued mask) carries it into eval.
     capsys.readouterr()
     assert cli(["eval", str(smollm2), str(data), "--adapter", str(out / "deltas.gguf"), "--json",

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="SPSA steps (default 200)")
     g.add_argument("--batch-size", type=int, default=None, help="examples per step (default 8)")
     g.add_argument("--lr", default=None, help="learning rate, or 'auto' to search a grid on a short run (default 1e-4)")
-    g.add_argument("--eps", type=float, default=None, help="perturbation size ε (default 1e-2: see docs/fidelity.md)")
+    g.add_argument("--eps", type=float, default=None, help="perturbation size ε (default 3e-3: see docs/fidelity.md)")
     g.add_argument("--optimizer", choices=[o.value for o in Optimizer], default=None, help="default sgd (MeZO's ZO-SGD)")
     g.add_argument("--schedule", choices=[s.value for s in Schedule], default=None, help="learning-rate schedule (default constant)")
     g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default 0)")
