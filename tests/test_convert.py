@@ -352,18 +352,10 @@ def smollm2_f32(smollm2, tmp_path_factory) -> Path:
     """SmolLM2 dequantized to F32, embeddings included. On the Q4_1 file itself llama.cpp rounds every
     matmul's activations to 8 bits (and the tied output's to Q8_0), which moves the loss of a perturbed
     model by ~0.1 nats per 100 tokens at random: more than a handful of coordinates move it."""
-    from converters.gguf_copy import copy_fields
+    from converters.gguf_copy import write_f32_copy
 
     path = tmp_path_factory.mktemp("smollm2_f32") / "smollm2-f32.gguf"
-    with TensorFile(smollm2) as tf:
-        w = gguf.GGUFWriter(path, "llama")
-        copy_fields(tf.header, w, keep=lambda key: key != "general.file_type")
-        for name, t in tf.tensors.items():
-            w.add_tensor(name, t.dequantize())
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+    write_f32_copy(smollm2, path)
     return path
 
 
