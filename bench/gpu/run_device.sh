@@ -24,6 +24,11 @@
 #                  shared KV cache and with a cache per sequence
 #   bench-distributed  bench/distributed.py on the CPU cores (the GPU hidden), a SmolLM2-shaped
 #                  random model, W = 1 2 4 8 16 workers (docs/distributed.md)
+#   resume         a later call on the same (warm) machine: the environment setup chose, without rebuilding
+#   receive        append the carried chunk $EDGE_ZO_XFER/part (bench/compare_methods.py prepare --chunks)
+#                  to the blob of models being received
+#   compare        bench/compare_methods.py (docs/compare.md): assemble the models whose bytes are all
+#                  here, then run the arms until the deadline; results in compare.jsonl (resumable)
 #   fallback       bench/gpu/fallback_check.py: a build without the CUDA kernels, whose CUDA tensors
 #                  take the generic host-copy path (as Metal and Vulkan ones do), against edited weights
 # Inputs, made on a machine with a registry by bench/gpu/prepare_carry.sh, in $EDGE_ZO_CARRY
@@ -149,6 +154,7 @@ setup() {
         fi
     fi
     cat "$OUT/probe.log"
+    echo "${LD_PRELOAD:-}" > "$LLAMA/preload"
     readelf -d "$LLAMA/lib/libllama.so" | grep NEEDED
 }
 
@@ -320,6 +326,31 @@ fallback() {
     grep -E "edge-zo:|fallback check" "$OUT/fallback_check.log" | head -5
 }
 
+resume() {
+    [ -f "$LLAMA/preload" ] || { say "resume: no earlier setup on this machine"; exit 1; }
+    LD_PRELOAD=$(cat "$LLAMA/preload")
+    [ -z "$LD_PRELOAD" ] && unset LD_PRELOAD || export LD_PRELOAD
+}
+
+receive() {
+    local part=${EDGE_ZO_XFER:?EDGE_ZO_XFER: the carried chunk folder}/part
+    cat "$part" >> "$MODELS/compare.blob"
+    say "received $(stat -c %s "$part") bytes, $(stat -c %s "$MODELS/compare.blob") in all"
+}
+
+compare() {
+    local b bundle=${EDGE_ZO_BUNDLE:-.xfer/bundle}
+    python3 bench/compare_methods.py assemble --bundle "$bundle" --blob "$MODELS/compare.blob" \
+        --models-dir "$MODELS/compare" 2>&1 | tail -3
+    b=$(budget 600)
+    [ "$b" -gt 60 ] || { say "skipped: no time left"; return; }
+    # shellcheck disable=SC2086
+    timeout "$b" python3 bench/compare_methods.py run --bundle "$bundle" --models-dir "$MODELS/compare" \
+        --out "$OUT/compare.jsonl" --deadline "$((b - 20))" ${COMPARE_ARGS:-} > "$OUT/compare.log" 2>&1 || true
+    grep -E "FAILED|cells|done:" "$OUT/compare.log" | tail -20
+    python3 bench/compare_methods.py report "$OUT/compare.jsonl" 2>&1 | tail -30
+}
+
 for s in "${stages[@]}"; do
     say "stage $s"
     case "$s" in
@@ -335,6 +366,9 @@ for s in "${stages[@]}"; do
         unified) unified ;;
         bench-distributed) bench_distributed ;;
         fallback) fallback ;;
+        resume) resume ;;
+        receive) receive ;;
+        compare) compare ;;
         *) echo "unknown stage $s"; exit 2 ;;
     esac
 done
