@@ -93,6 +93,18 @@ class Task:
 
 # ---- losses ----
 
+def padded(examples: list[Example], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids, target flags), right-padded to the longest row. Right padding needs no attention
+    mask: a causal model's real positions never see what comes after them."""
+    width = max(len(e.tokens) for e in examples)
+    ids = torch.zeros(len(examples), width, dtype=torch.long)
+    tgt = torch.zeros(len(examples), width, dtype=torch.bool)
+    for j, e in enumerate(examples):
+        ids[j, : len(e.tokens)] = torch.from_numpy(e.tokens.astype(np.int64))
+        tgt[j, : len(e.tokens)] = torch.from_numpy(e.targets.astype(bool))
+    return ids.to(device), tgt.to(device)
+
+
 def summed_nll(model, examples: list[Example], device) -> tuple[np.ndarray, np.ndarray]:
     """Per example: summed NLL of its target tokens, and their number (as Runtime.loss)."""
     vocab = model.config.vocab_size
@@ -102,13 +114,7 @@ def summed_nll(model, examples: list[Example], device) -> tuple[np.ndarray, np.n
         width = max(len(e.tokens) for e in examples[i: i + 64])
         n = max(1, min(64, LOGITS_BUDGET // (width * vocab * 4)))
         chunk = examples[i: i + n]
-        # Right padding needs no attention mask: a causal model's real positions never see it.
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        tgt = torch.zeros(len(chunk), width, dtype=torch.bool)
-        for j, e in enumerate(chunk):
-            ids[j, : len(e.tokens)] = torch.from_numpy(e.tokens.astype(np.int64))
-            tgt[j, : len(e.tokens)] = torch.from_numpy(e.targets.astype(bool))
-        ids, tgt = ids.to(device), tgt.to(device)
+        ids, tgt = padded(chunk, device)
         logits = model(input_ids=ids).logits[:, :-1].float()
         mask = tgt[:, 1:]                       # position p predicts token p + 1
         per_tok = torch.nn.functional.cross_entropy(logits[mask], ids[:, 1:][mask], reduction="none")
@@ -127,13 +133,7 @@ def mean_loss(model, examples, device) -> float:
 
 def batch_loss(model, examples, device) -> torch.Tensor:
     """The training loss with a graph: summed NLL of the batch's targets / their number."""
-    width = max(len(e.tokens) for e in examples)
-    ids = torch.zeros(len(examples), width, dtype=torch.long)
-    tgt = torch.zeros(len(examples), width, dtype=torch.bool)
-    for j, e in enumerate(examples):
-        ids[j, : len(e.tokens)] = torch.from_numpy(e.tokens.astype(np.int64))
-        tgt[j, : len(e.tokens)] = torch.from_numpy(e.targets.astype(bool))
-    ids, tgt = ids.to(device), tgt.to(device)
+    ids, tgt = padded(examples, device)
     logits = model(input_ids=ids).logits[:, :-1].float()
     mask = tgt[:, 1:]
     return torch.nn.functional.cross_entropy(logits[mask], ids[:, 1:][mask])
