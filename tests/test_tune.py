@@ -165,3 +165,18 @@ def test_config_file_and_resume_extends_steps(toy, tmp_path):
     assert cli(["tune", str(toy["model"]), str(toy["data"]), "--sidecar", str(toy["sidecar"]), "-o", str(out),
                 "--quiet", "--config", str(cfg), "--steps", "9", "--resume"]) == 0
     assert run_dir.read_metrics(out)[-1]["step"] == 9
+
+
+def test_warns_when_the_validation_loss_rises(toy, tmp_path, capsys):
+    from edge_zo.commands.tune import rise_warning
+
+    # A run that learns says nothing more ...
+    assert _tune(toy, tmp_path / "run", "--steps", "10") == 0
+    valid = [r for r in run_dir.read_metrics(tmp_path / "run") if "valid_loss" in r]
+    assert valid[-1]["valid_loss"] < valid[0]["valid_loss"] and "warning" not in capsys.readouterr().err
+    assert rise_warning(valid, 1e-2, 10) is None
+    # ... one that ends above its start (as 1e-4 did on 3 of 5 Fisher runs of 300 steps) is told what to try.
+    rose = [valid[-1], valid[0]]
+    msg = rise_warning(rose, 1e-4, 300)
+    assert msg.startswith("warning: the validation loss rose") and "try --lr 3.3e-05" in msg, msg
+    assert rise_warning(valid[:1], 1e-4, 300) is None

@@ -377,6 +377,9 @@ def _run(args, settings: TuneSettings, world: World, team: Team | None) -> int:
         summary += f", accuracy {valid[0]['valid_accuracy']:.3f} -> {valid[-1]['valid_accuracy']:.3f}"
     say(f"{summary} in {time.perf_counter() - t0:.0f} s. Deltas: {out / run_dir.DELTAS}"
         + (f", plot: {plot}" if plot else ""))
+    warning = rise_warning(valid, loop.lr, loop.steps)
+    if warning:
+        say(warning)
     if team is not None:
         say(f"{world.size} workers, {loop.directions} directions per step: each worker sent "
             f"{distributed.step_sent_bytes(loop.directions, world.size)} bytes per step; worker 0 sent "
@@ -384,6 +387,16 @@ def _run(args, settings: TuneSettings, world: World, team: Team | None) -> int:
     adapters = f"--adapter {sidecar_path} " if np.any(sidecar.values) else ""
     say(f"try it: edge-zo generate {model} {adapters}--adapter {out / run_dir.DELTAS} -p \"...\"")
     return 0
+
+
+def rise_warning(valid: list[dict], lr: float, steps: int) -> str | None:
+    """A warning when the run ends with a higher validation loss than it started with: over a few
+    hundred steps a rate that looked best early can diverge (docs/tune.md)."""
+    if len(valid) < 2 or valid[-1]["valid_loss"] <= valid[0]["valid_loss"]:
+        return None
+    return (f"warning: the validation loss rose ({valid[0]['valid_loss']:.4f} -> {valid[-1]['valid_loss']:.4f}): "
+            f"the learning rate {lr:g} is likely too large for {steps} steps; try --lr {lr / 3:.2g} "
+            f"(see docs/tune.md)")
 
 
 def _demo(args) -> None:
