@@ -180,3 +180,26 @@ def test_warns_when_the_validation_loss_rises(toy, tmp_path, capsys):
     msg = rise_warning(rose, 1e-4, 300)
     assert msg.startswith("warning: the validation loss rose") and "try --lr 3.3e-05" in msg, msg
     assert rise_warning(valid[:1], 1e-4, 300) is None
+
+
+def test_lr_auto_is_the_default_backs_off_and_is_kept_on_resume(toy, tmp_path, capsys):
+    from edge_zo.commands.tune import LR_GRID
+
+    out = tmp_path / "auto"
+    base = ["tune", str(toy["model"]), str(toy["data"]), "--sidecar", str(toy["sidecar"]), "-o", str(out),
+            "--quiet", "--eval-every", "4"]
+    assert cli([*base, "--steps", "6"]) == 0  # no --lr: the search runs (6-step probes, as steps < 20)
+    err = capsys.readouterr().err
+    assert err.count("lr search: lr") == len(LR_GRID), err
+    run = json.loads((out / "run.json").read_text())
+    search = run["lr_search"]
+    losses = {float(k): v for k, v in search["losses"].items()}
+    best = min(losses, key=losses.get)
+    assert search["probe_steps"] == 6 and search["best"] == best > LR_GRID[0]  # so the back-off shows
+    assert search["chosen"] == LR_GRID[max(0, LR_GRID.index(best) - 1)] == run["settings"]["lr"]
+    # Resuming keeps the searched rate instead of searching again.
+    assert cli([*base, "--steps", "8", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "lr search: lr" not in err and f"resuming at the run's lr {search['chosen']:g}" in err, err
+    assert run_dir.read_metrics(out)[-1]["step"] == 8
+    assert json.loads((out / "run.json").read_text())["lr_search"] == search
