@@ -12,8 +12,10 @@ budget and three seeds, each arm's test metric:
   zo-fisher      ZO over the Fisher 0.1%      (native: the product's default mask)
   adam           first-order Adam over all parameters (torch): the upper reference
 
-Every ZO and Adam arm picks its learning rate by `edge-zo tune --lr auto`'s rule (20-step probes
-over a grid, lowest loss on a fixed training probe batch); the native arms run that very option.
+Every ZO and Adam arm picks its learning rate from 20-step probes over a grid (lowest loss on a fixed
+training probe batch); the native arms run `edge-zo tune --lr auto` itself, which since 2026-11-22 then
+backs off one grid step (docs/tune.md). The zo-MASK rows of docs/compare.md ran before that change
+(commit c33d524); zo-MASK-lrX fixes the rate to X and reproduces either rule's runs seed for seed.
 The three 0.1% masks come from `edge-zo convert --mask fisher|random|magnitude --split keep`, so
 every arm starts from the installed model's numbers (the sidecar holds deltas, 0 at the start).
 The report's tasks are built with seed 2026; the tests and the demo use seed 0.
