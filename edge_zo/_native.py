@@ -50,6 +50,19 @@ def _array(a, dtype, name: str) -> np.ndarray:
     return out
 
 
+def quantize(src: str, dst: str, file_type: str, threads: int = 0) -> None:
+    """llama.cpp's own quantizer on a whole GGUF file (its K-quants included, which gguf-py
+    cannot write): `file_type` names a llama.cpp file type, e.g. "Q4_K_M" or "Q8_0"."""
+    import gguf
+
+    try:
+        ftype = gguf.LlamaFileType[f"MOSTLY_{file_type.upper()}"]
+    except KeyError:
+        names = sorted(t.name[len("MOSTLY_"):] for t in gguf.LlamaFileType if t.name.startswith("MOSTLY_"))
+        raise InvalidInputError(f"unknown llama.cpp file type {file_type!r}; one of {', '.join(names)}") from None
+    _check(lib.ez_quantize(str(src).encode(), str(dst).encode(), int(ftype), threads))
+
+
 @dataclass(frozen=True)
 class ContextParams:
     """How big a llama.cpp context to create (see ez_model_params in edge_zo.h)."""

@@ -427,6 +427,33 @@ void ez_default_params(ez_model_params *p) {
     p->kv_unified = 0;
 }
 
+static void backend_init(int verbose) {
+    static int backend_ready = 0;
+    ez_log_verbose = verbose;
+    llama_log_set(ez_log, NULL);
+    if (!backend_ready) {
+        llama_backend_init();
+        backend_ready = 1;
+    }
+}
+
+int ez_quantize(const char *src, const char *dst, int32_t ftype, int32_t n_threads) {
+    FILE *f = fopen(src, "rb");
+    if (!f) return fail(EZ_ERR_IO, "%s: cannot open: %s", src, strerror(errno));
+    fclose(f);
+    backend_init(0);
+    struct llama_model_quantize_params qp = llama_model_quantize_default_params();
+    qp.ftype = (enum llama_ftype)ftype;
+    qp.nthread = n_threads;
+    qp.allow_requantize = true; /* a quantized source is dequantized first: lossy twice, but allowed */
+    ez_log_last[0] = 0;
+    /* llama.cpp catches its own exceptions here and returns non-zero, logging why. */
+    if (llama_model_quantize(src, dst, &qp) != 0)
+        return fail(EZ_ERR_RUNTIME, "%s: llama.cpp could not quantize it to file type %d%s%s", src, (int)ftype,
+                    ez_log_last[0] ? ": " : "", ez_log_last);
+    return EZ_OK;
+}
+
 int ez_model_open(const char *path, const ez_model_params *p, ez_model **out) {
     *out = NULL;
     if (p->n_ctx_seq < 1 || p->n_seq_max < 1 || p->n_batch < 1 || p->n_ubatch < 1)
@@ -435,13 +462,7 @@ int ez_model_open(const char *path, const ez_model_params *p, ez_model **out) {
     if (!f) return fail(EZ_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     fclose(f);
 
-    static int backend_ready = 0;
-    ez_log_verbose = p->verbose;
-    llama_log_set(ez_log, NULL);
-    if (!backend_ready) {
-        llama_backend_init();
-        backend_ready = 1;
-    }
+    backend_init(p->verbose);
 
     ez_model *m = calloc(1, sizeof *m);
     if (!m) return fail(EZ_ERR_NOMEM, "out of memory");

@@ -35,6 +35,11 @@ void ez_default_params(ez_model_params *params);
 const char *ez_last_error(void);
 
 int ez_model_open(const char *path, const ez_model_params *params, ez_model **out);
+
+/* llama.cpp's quantizer on a whole GGUF: src -> dst with file type `ftype` (a LLAMA_FTYPE_*
+ * value, e.g. 15 for Q4_K_M), n_threads <= 0 for all cores. It writes the K-quants that
+ * gguf-py cannot. */
+int ez_quantize(const char *src, const char *dst, int32_t ftype, int32_t n_threads);
 void ez_model_close(ez_model *m);
 
 int32_t ez_n_vocab(const ez_model *m);

@@ -263,6 +263,32 @@ static void test_open_errors(const char *model_path, const ez_model_params *p) {
     ez_model_close(NULL); /* a no-op */
 }
 
+/* llama.cpp's quantizer: bad sources fail with a message; a real one writes a model that opens and
+ * whose loss stays near the source's (Q8_0 of the dequantized weights). */
+static void test_quantize(const char *model_path, const ez_model_params *p, const loss_set *ls, double base) {
+    char dst[512], path[512];
+    if (!check(temp_file(dst, sizeof dst, NULL, 0), "quantize: a temp output path", "%s", dst)) return;
+    int rc = ez_quantize("/nonexistent/edge_zo/model.gguf", dst, 7 /* LLAMA_FTYPE_MOSTLY_Q8_0 */, 1);
+    expect_error(rc, EZ_ERR_IO, "cannot open", "quantize: a missing source is EZ_ERR_IO");
+    if (check(temp_file(path, sizeof path, model_path, 4096), "quantize: write a truncated GGUF temp file", "%s", path)) {
+        rc = ez_quantize(path, dst, 7, 1);
+        expect_error(rc, EZ_ERR_RUNTIME, "could not quantize", "quantize: a truncated GGUF is EZ_ERR_RUNTIME");
+        unlink(path);
+    }
+    rc = ez_quantize(model_path, dst, 7, 1);
+    if (check(rc == EZ_OK, "quantize: the model to Q8_0", "%s", ez_last_error())) {
+        ez_model *q = NULL;
+        rc = ez_model_open(dst, p, &q);
+        if (check(rc == EZ_OK, "quantize: the Q8_0 copy opens", "%s", ez_last_error())) {
+            const double l = loss_of(q, ls);
+            check(isfinite(l) && fabs(l - base) < 0.05 * fmax(1.0, fabs(base)), "quantize: the copy's loss is near the source's",
+                  "%.6f vs %.6f", l, base);
+            ez_model_close(q);
+        }
+    }
+    unlink(dst);
+}
+
 static void test_text(ez_model *m, const struct gguf_context *g) {
     const int64_t kid = gguf_find_key(g, "tokenizer.ggml.tokens");
     check(kid >= 0 && (int64_t)gguf_get_arr_n(g, kid) == ez_n_vocab(m), "vocab: ez_n_vocab matches the GGUF tokenizer",
@@ -727,6 +753,7 @@ int main(int argc, char **argv) {
         test_wrong_shape(m, &ws[0], &ls, base, "GET_ROWS");
         test_sparse(m, ws, n_w, &ls, base, model_path, &p);
         test_generate(m, ws, &ls, base);
+        test_quantize(model_path, &p, &ls, base);
     }
     free(ls.tokens);
     free(ls.target);

@@ -124,3 +124,28 @@ def test_loss_matches_numpy_log_softmax_definition(tiny_q4, tmp_path):
         r = rt.loss(ex)
     assert list(r.count) == [e.n_targets for e in ex]
     assert np.all(r.nll > 0)
+
+
+def test_quantize_writes_a_model_llama_cpp_runs_and_reports_bad_input(tiny_q4, tmp_path):
+    from edge_zo import _native
+    from edge_zo.errors import InvalidInputError, ModelFileError, NativeRuntimeError
+    from edge_zo.model_info import ModelInfo
+
+    out = tmp_path / "q8.gguf"
+    _native.quantize(tiny_q4.path, out, "q8_0", threads=1)
+    info = ModelInfo.open(out)
+    assert {info.tensors[n].type_name for n in info.block_matmul_weights()} == {"Q8_0"}
+    with Runtime(tiny_q4.path, OPTS) as rt:
+        ex = _examples(rt, tmp_path)
+        before = rt.loss(ex).mean
+    with Runtime(str(out), OPTS) as rt:
+        after = rt.loss(ex).mean
+    assert abs(after - before) < 0.02 * before  # Q8_0 of the Q4_0 values: nearly the same numbers
+    with pytest.raises(ModelFileError, match="cannot open"):
+        _native.quantize(tmp_path / "missing.gguf", out, "Q8_0")
+    with pytest.raises(InvalidInputError, match="unknown llama.cpp file type 'Q9_Z'; one of .*Q4_K_M"):
+        _native.quantize(tiny_q4.path, out, "Q9_Z")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(NativeRuntimeError, match="could not quantize"):
+        _native.quantize(bad, out, "Q8_0")

@@ -97,3 +97,21 @@ def test_tune_learns_personal_facts_with_default_settings(smollm2, tmp_path, cap
     assert cli(["eval", str(smollm2), str(data), "--adapter", str(out / "deltas.gguf"), "--json",
                 "--max-tokens", "32"]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] < valid[0] - 0.1
+
+
+def test_quantize_to_a_k_quant(smollm2, facts_jsonl, tmp_path):
+    """llama.cpp's quantizer writes the K-quants gguf-py cannot; on SmolLM2 most matmuls fall back to
+    Q5_0, because a K-quant row must be a multiple of 256 values and n_embd is 576."""
+    from edge_zo import _native
+    from edge_zo.model_info import ModelInfo
+
+    out = tmp_path / "q4_k_m.gguf"
+    _native.quantize(smollm2, out, "Q4_K_M")
+    info = ModelInfo.open(out)
+    types = {info.tensors[n].type_name for n in info.block_matmul_weights()}
+    assert "Q4_K" in types and "Q5_0" in types, types
+    losses = []
+    for path in (smollm2, out):
+        with Runtime(str(path), OPTS) as rt:
+            losses.append(rt.loss(Tokenizer(rt.native, max_tokens=128).examples(load_jsonl(facts_jsonl))).mean)
+    assert abs(losses[1] - losses[0]) < 0.3, losses  # re-quantized Q4_1 -> Q4_K_M: close, not equal
