@@ -7,7 +7,7 @@ One command per table (each prints JSON, writes docs/fidelity-<table>.json and a
 
     python bench/fidelity.py eps                       # ε ∈ {1e-4 … 1e-1} × KV {F16, F32}, batch 8
     python bench/fidelity.py batch                     # batch ∈ {1, 8, 16} at the default ε
-    python bench/fidelity.py dense                     # dense types Q4_1, Q4_0, Q8_0, F16, F32 at the default ε
+    python bench/fidelity.py dense                     # dense types Q4_1, Q4_0, Q4_K_M, Q8_0, F16, F32 at the default ε
     python bench/fidelity.py noise                     # losses under δ=1e-6 perturbations: the noise's source
 
 What is held equal (the defaults are those of `edge-zo tune` and `edge-zo convert`):
@@ -454,8 +454,13 @@ def table_batch(args) -> None:
     finish(args, "batch", result, lambda png: scatter_panels(png, cells, rows, pts))
 
 
+GGUF_PY_TYPES = ("Q4_0", "Q4_1", "Q8_0", "F16", "F32")
+
+
 def dense_variant(src: str, qtype: str, cache: Path) -> str:
-    """A copy of `src` whose block matmuls are `qtype` (gguf-py quantizes the dequantized weights)."""
+    """A copy of `src` whose block matmuls are `qtype`: gguf-py quantizes the dequantized weights, or
+    for a llama.cpp file type such as Q4_K_M (K-quants, which gguf-py cannot write) llama.cpp's own
+    quantizer does, from the F32 copy, so every variant starts from the same numbers."""
     from converters.dense import Split, plan_types, write_dense
     from converters.gguf_tensors import TensorFile
 
@@ -463,6 +468,13 @@ def dense_variant(src: str, qtype: str, cache: Path) -> str:
     if all(t.type_name == qtype for n, t in info.tensors.items() if n in info.block_matmul_weights()):
         return src
     path = cache / f"{Path(src).stem}-{info.sha256()[:8]}-{qtype}.gguf"
+    if qtype not in GGUF_PY_TYPES and not path.is_file():
+        from edge_zo import _native
+
+        log(f"writing {path.name} with llama.cpp's quantizer")
+        tmp = path.with_suffix(".part")
+        _native.quantize(dense_variant(src, "F32", cache), tmp, qtype)
+        os.replace(tmp, path)
     if not path.is_file():
         log(f"writing {path.name}")
         cache.mkdir(parents=True, exist_ok=True)
@@ -593,7 +605,8 @@ def main(argv=None) -> None:
     p.set_defaults(fn=table_batch)
     p = sub.add_parser("dense", help="dense matmul types at one ε and batch size")
     common_args(p)
-    p.add_argument("--types", nargs="+", default=["Q4_1", "Q4_0", "Q8_0", "F16", "F32"])
+    p.add_argument("--types", nargs="+", default=["Q4_1", "Q4_0", "Q4_K_M", "Q8_0", "F16", "F32"],
+                   help=f"{', '.join(GGUF_PY_TYPES)} (gguf-py), or a llama.cpp file type such as Q4_K_M")
     p.add_argument("--eps", type=float, default=DEFAULT_EPS)
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH)
     p.add_argument("--kv", default="F16", choices=["F16", "F32"])
