@@ -21,7 +21,7 @@ every arm starts from the installed model's numbers (the sidecar holds deltas, 0
 The report's tasks are built with seed 2026; the tests and the demo use seed 0.
 
     python bench/compare_methods.py prepare -o bench/out/compare      # tasks + sidecars (+ converts)
-    python bench/compare_methods.py run --bundle bench/out/compare --models-dir DIR --jobs 6
+    python bench/compare_methods.py run --bundle bench/out/compare --models-dir DIR --jobs 1 --threads 16
     python bench/compare_methods.py report bench/out/compare/results.jsonl --out docs
 
 `run` is resumable (cells already in results.jsonl are skipped) and stops launching cells
@@ -380,8 +380,10 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--gpu-layers", type=int, default=99)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--jobs", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2,
+                   help="the native arms' CPU threads: on the text task they score every row's logits on the host")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cells at once; on one GPU more than 1 made each run 7-25x slower (docs/compare.md)")
     p.add_argument("--deadline", type=float, default=1e9, help="seconds from now to stop launching cells")
     p.add_argument("--margin", type=float, default=60, help="no cell starts with less than this left")
     p.set_defaults(fn=run)

@@ -46,7 +46,7 @@ LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
 # `--lr auto` keeps the rate one grid step below the probe's best: a 20-step probe rewards rates that
 # are only stable for 20 steps. Measured over 300 steps (docs/compare.md): SmolLM2's probe picked 1e-4 on
 # 5 of 6 Fisher runs and 3 of those ended worse than they started, where 3e-5 learned on all 6; Gemma's
-# picked 1e-5, the grid's floor, on all 9, and 1e-4 (the old default) took its loss from 9 to 14-23 nats.
+# picked 1e-5, the grid's floor, on all 9, and 1e-4 (the old default) took its loss from 9-11 to 14-23 nats.
 LR_BACK_OFF = 1
 
 
