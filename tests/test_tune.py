@@ -140,6 +140,9 @@ def test_bad_inputs(toy, tmp_path, capsys):
     assert "--lr must be a number or 'auto'" in capsys.readouterr().err
     assert _tune(toy, tmp_path / "z", "--resume") == 1
     assert "no run to resume" in capsys.readouterr().err
+    assert cli(["tune", model, data, "--sidecar", str(toy["sidecar"]), "-o", str(tmp_path / "z"), "--resume"]) == 1
+    err = capsys.readouterr().err  # --lr auto: told before any search step
+    assert "no run to resume" in err and "lr search" not in err, err
     assert _tune(toy, tmp_path / "w", "--steps", "2") == 0
     assert _tune(toy, tmp_path / "w", "--steps", "2") == 1
     assert "already holds a run" in capsys.readouterr().err

@@ -501,8 +501,8 @@ def _saved_lr(out: Path) -> tuple[float, dict | None] | None:
     """(lr, its search) of the run being resumed: with `--lr auto` a resumed run keeps the rate it
     started with (searching again would cost 100 steps, or pick another rate than a fixed-lr run had)."""
     path = out / run_dir.RUN_JSON
-    if not path.is_file():
-        return None
+    if not path.is_file():  # say so now, not after the search's 100 steps
+        raise InvalidInputError(f"{out}: no run to resume (no {run_dir.RUN_JSON})")
     saved = json.loads(path.read_text())
     lr = saved.get("settings", {}).get("lr")
     if not isinstance(lr, (int, float)):
