@@ -427,9 +427,9 @@ void ez_default_params(ez_model_params *p) {
     p->kv_unified = 0;
 }
 
-static void backend_init(int verbose) {
+/* llama.cpp's backend and our log hook, once per process. */
+static void backend_init(void) {
     static int backend_ready = 0;
-    ez_log_verbose = verbose;
     llama_log_set(ez_log, NULL);
     if (!backend_ready) {
         llama_backend_init();
@@ -437,11 +437,18 @@ static void backend_init(int verbose) {
     }
 }
 
-int ez_quantize(const char *src, const char *dst, int32_t ftype, int32_t n_threads) {
-    FILE *f = fopen(src, "rb");
-    if (!f) return fail(EZ_ERR_IO, "%s: cannot open: %s", src, strerror(errno));
+/* EZ_OK when `path` opens for reading, else EZ_ERR_IO saying why. */
+static int check_readable(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return fail(EZ_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     fclose(f);
-    backend_init(0);
+    return EZ_OK;
+}
+
+int ez_quantize(const char *src, const char *dst, int32_t ftype, int32_t n_threads) {
+    int rc = check_readable(src);
+    if (rc != EZ_OK) return rc;
+    backend_init();
     struct llama_model_quantize_params qp = llama_model_quantize_default_params();
     qp.ftype = (enum llama_ftype)ftype;
     qp.nthread = n_threads;
@@ -458,11 +465,10 @@ int ez_model_open(const char *path, const ez_model_params *p, ez_model **out) {
     *out = NULL;
     if (p->n_ctx_seq < 1 || p->n_seq_max < 1 || p->n_batch < 1 || p->n_ubatch < 1)
         return fail(EZ_ERR_INVALID, "context sizes must be positive");
-    FILE *f = fopen(path, "rb");
-    if (!f) return fail(EZ_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    fclose(f);
-
-    backend_init(p->verbose);
+    int rc = check_readable(path);
+    if (rc != EZ_OK) return rc;
+    ez_log_verbose = p->verbose;
+    backend_init();
 
     ez_model *m = calloc(1, sizeof *m);
     if (!m) return fail(EZ_ERR_NOMEM, "out of memory");

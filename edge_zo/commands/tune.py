@@ -279,9 +279,11 @@ def _run(args, settings: TuneSettings, world: World, team: Team | None) -> int:
         resume = args.resume or (world.restarts > 0 and (out / run_dir.CHECKPOINT).exists())
         lr_search = None
         if loop.lr == "auto" and lead:  # the others get the chosen lr with the start state
-            saved = _saved_lr(out) if resume else None
-            loop, lr_search = (dataclasses.replace(loop, lr=saved[0]), saved[1]) if saved else \
-                _search_lr(loop, live, len(shard), loss)
+            if resume:
+                lr, lr_search = _saved_lr(out)
+                loop = dataclasses.replace(loop, lr=lr)
+            else:
+                loop, lr_search = _search_lr(loop, live, len(shard), loss)
             settings = dataclasses.replace(settings, loop=loop)
 
         run_info = {
@@ -497,18 +499,17 @@ def _search_lr(loop: LoopConfig, live: np.ndarray, n_examples: int, loss) -> tup
         "probe_steps": probe_steps, "losses": {str(k): v for k, v in results.items()}, "best": best, "chosen": chosen}
 
 
-def _saved_lr(out: Path) -> tuple[float, dict | None] | None:
+def _saved_lr(out: Path) -> tuple[float, dict | None]:
     """(lr, its search) of the run being resumed: with `--lr auto` a resumed run keeps the rate it
-    started with (searching again would cost 100 steps, or pick another rate than a fixed-lr run had)."""
+    started with (searching again would cost 100 steps, or pick another rate than a fixed-lr run had).
+    run.json always holds a number there: the search's pick is saved, never 'auto'."""
     path = out / run_dir.RUN_JSON
     if not path.is_file():  # say so now, not after the search's 100 steps
         raise InvalidInputError(f"{out}: no run to resume (no {run_dir.RUN_JSON})")
     saved = json.loads(path.read_text())
-    lr = saved.get("settings", {}).get("lr")
-    if not isinstance(lr, (int, float)):
-        return None
+    lr = float(saved["settings"]["lr"])
     print(f"edge-zo tune: --lr auto: resuming at the run's lr {lr:g} ({path})", file=sys.stderr)
-    return float(lr), saved.get("lr_search")
+    return lr, saved.get("lr_search")
 
 
 def _version() -> str:
