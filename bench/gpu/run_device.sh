@@ -29,6 +29,7 @@
 #                  to the blob of models being received
 #   compare        bench/compare_methods.py (docs/compare.md): assemble the models whose bytes are all
 #                  here, then run the arms until the deadline; results in compare.jsonl (resumable)
+#   fidelity       bench/fidelity.py's tables with the native side on the GPU ($FIDELITY_RUNS, below)
 #   fallback       bench/gpu/fallback_check.py: a build without the CUDA kernels, whose CUDA tensors
 #                  take the generic host-copy path (as Metal and Vulkan ones do), against edited weights
 # Inputs, made on a machine with a registry by bench/gpu/prepare_carry.sh, in $EDGE_ZO_CARRY
@@ -338,10 +339,14 @@ receive() {
     say "received $(stat -c %s "$part") bytes, $(stat -c %s "$MODELS/compare.blob") in all"
 }
 
+assemble_models() {
+    python3 bench/compare_methods.py assemble --bundle "${EDGE_ZO_BUNDLE:-.xfer/bundle}" --blob "$MODELS/compare.blob" \
+        --models-dir "$MODELS/compare" 2>&1 | tail -3
+}
+
 compare() {
     local b bundle=${EDGE_ZO_BUNDLE:-.xfer/bundle}
-    python3 bench/compare_methods.py assemble --bundle "$bundle" --blob "$MODELS/compare.blob" \
-        --models-dir "$MODELS/compare" 2>&1 | tail -3
+    assemble_models
     b=$(budget 600)
     [ "$b" -gt 60 ] || { say "skipped: no time left"; return; }
     # shellcheck disable=SC2086
@@ -349,6 +354,33 @@ compare() {
         --out "$OUT/compare.jsonl" --deadline "$((b - 20))" ${COMPARE_ARGS:-} > "$OUT/compare.log" 2>&1 || true
     grep -E "FAILED|cells|done:" "$OUT/compare.log" | tail -20
     python3 bench/compare_methods.py report "$OUT/compare.jsonl" 2>&1 | tail -30
+}
+
+# bench/fidelity.py with the native side on the GPU: one table per line of $FIDELITY_RUNS,
+# "MODEL TABLE ARGS..." (MODEL: a key of the bundle's manifest). The carried folder
+# $EDGE_ZO_FIDELITY (masks, exact gradients, spam-train.jsonl from `fidelity.py rows`) seeds a
+# cache that stays on the machine between calls; the cache comes back with the tables.
+fidelity() {
+    local b file model table args bundle=${EDGE_ZO_BUNDLE:-.xfer/bundle} cache=/tmp/edge-zo-fidelity
+    local carried=${EDGE_ZO_FIDELITY:-.xfer/fidelity}
+    assemble_models
+    mkdir -p "$cache" "$OUT/fidelity"
+    if [ -d "$carried" ]; then cp -n "$carried"/* "$cache"/ || true; fi
+    while read -r model table args; do
+        [ -n "$model" ] || continue
+        file=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["models"][sys.argv[2]]["file"])' \
+            "$bundle/manifest.json" "$model")
+        b=$(budget 600)
+        [ "$b" -gt 0 ] || { say "fidelity: no time left for $model $table $args"; break; }
+        say "fidelity $model $table $args"
+        # shellcheck disable=SC2086
+        timeout "$b" python3 bench/fidelity.py "$table" --model "$MODELS/compare/$file" --gpu-layers 99 \
+            --threads "$(nproc)" --cache "$cache" --task-file "$cache/spam-train.jsonl" --out "$OUT/fidelity" \
+            $args > "$OUT/fidelity/$model-$table.log" 2>&1 || say "fidelity: exit $?"
+        grep -E "estimates to compute|Error|error" "$OUT/fidelity/$model-$table.log" | tail -5 || true
+        tail -2 "$OUT/fidelity/$model-$table.log"
+    done <<< "${FIDELITY_RUNS:?FIDELITY_RUNS: lines of MODEL TABLE ARGS}"
+    cp "$cache"/native.jsonl "$cache"/grad-*.npz "$OUT/fidelity/" 2>/dev/null || true
 }
 
 for s in "${stages[@]}"; do
@@ -369,6 +401,7 @@ for s in "${stages[@]}"; do
         resume) resume ;;
         receive) receive ;;
         compare) compare ;;
+        fidelity) fidelity ;;
         *) echo "unknown stage $s"; exit 2 ;;
     esac
 done
