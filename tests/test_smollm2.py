@@ -92,6 +92,9 @@ def test_tune_learns_personal_facts_with_default_settings(smollm2, tmp_path, cap
                 "--quiet"]) == 0
     valid = [r["valid_loss"] for r in run_dir.read_metrics(out) if "valid_loss" in r]
     assert valid[-1] < valid[0] - 0.1, valid  # measured: 3.862 -> 3.669 (ε 3e-3), 3.661 (ε 1e-2)
+    # --eps auto (the default) measured this model's window: clear of the noise, short of the bend.
+    probe = json.loads((out / "run.json").read_text())["eps_search"]
+    assert 1e-3 <= probe["eps"] <= 2e-2 and probe["agreement"] >= 0.7, probe   # measured: 1.56e-2, 0.87
     # The deltas file alone (beside the zero-valued mask) carries it into eval.
     capsys.readouterr()
     assert cli(["eval", str(smollm2), str(data), "--adapter", str(out / "deltas.gguf"), "--json",

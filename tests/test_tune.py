@@ -138,11 +138,13 @@ def test_bad_inputs(toy, tmp_path, capsys):
     assert "no sidecar" in capsys.readouterr().err and "edge-zo convert" in capsys.readouterr().err + "edge-zo convert"
     assert _tune(toy, tmp_path / "y", "--lr", "fast") == 1
     assert "--lr must be a number or 'auto'" in capsys.readouterr().err
+    assert _tune(toy, tmp_path / "y", "--eps", "tiny") == 1
+    assert "--eps must be a number or 'auto'" in capsys.readouterr().err
     assert _tune(toy, tmp_path / "z", "--resume") == 1
     assert "no run to resume" in capsys.readouterr().err
     assert cli(["tune", model, data, "--sidecar", str(toy["sidecar"]), "-o", str(tmp_path / "z"), "--resume"]) == 1
-    err = capsys.readouterr().err  # --lr auto: told before any search step
-    assert "no run to resume" in err and "lr search" not in err, err
+    err = capsys.readouterr().err  # --eps and --lr auto: told before any probe
+    assert "no run to resume" in err and "lr search" not in err and "--eps auto" not in err, err
     assert _tune(toy, tmp_path / "w", "--steps", "2") == 0
     assert _tune(toy, tmp_path / "w", "--steps", "2") == 1
     assert "already holds a run" in capsys.readouterr().err
@@ -185,7 +187,7 @@ def test_warns_when_the_validation_loss_rises(toy, tmp_path, capsys):
     assert rise_warning(valid[:1], 1e-4, 300) is None
 
 
-def test_lr_auto_is_the_default_backs_off_and_is_kept_on_resume(toy, tmp_path, capsys):
+def test_eps_and_lr_auto_are_the_defaults_and_are_kept_on_resume(toy, tmp_path, capsys):
     from edge_zo.commands.tune import LR_GRID
 
     out = tmp_path / "auto"
@@ -194,7 +196,10 @@ def test_lr_auto_is_the_default_backs_off_and_is_kept_on_resume(toy, tmp_path, c
     assert cli([*base, "--steps", "6"]) == 0  # no --lr: the search runs (6-step probes, as steps < 20)
     err = capsys.readouterr().err
     assert err.count("lr search: lr") == len(LR_GRID), err
+    assert err.index("--eps auto: ε") < err.index("lr search"), err   # the lr probes run at the chosen ε
     run = json.loads((out / "run.json").read_text())
+    eps = run["eps_search"]
+    assert run["settings"]["eps"] == eps["eps"] > 0 and eps["forwards"] >= 96 and len(eps["pair"]) == 2
     search = run["lr_search"]
     losses = {float(k): v for k, v in search["losses"].items()}
     best = min(losses, key=losses.get)
@@ -204,5 +209,7 @@ def test_lr_auto_is_the_default_backs_off_and_is_kept_on_resume(toy, tmp_path, c
     assert cli([*base, "--steps", "8", "--resume"]) == 0
     err = capsys.readouterr().err
     assert "lr search: lr" not in err and f"resuming at the run's lr {search['chosen']:g}" in err, err
+    assert "--eps auto: ε" not in err and f"resuming at the run's eps {eps['eps']:g}" in err, err
     assert run_dir.read_metrics(out)[-1]["step"] == 8
-    assert json.loads((out / "run.json").read_text())["lr_search"] == search
+    resumed = json.loads((out / "run.json").read_text())
+    assert resumed["lr_search"] == search and resumed["eps_search"] == eps

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import distributed, run_dir
+from .. import distributed, eps_probe, run_dir
 from ..adapter import SparseAdapter
 from ..constants import Sparse
 from ..dataset import Tokenizer, load_jsonl
@@ -79,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=None, help="examples per step (default 8)")
     g.add_argument("--lr", default=None, help="learning rate, or 'auto' (the default): 20-step probes of 1e-5 ... 1e-3 from the start, "
                         "then one grid step below the best (docs/tune.md); a number skips the search")
-    g.add_argument("--eps", type=float, default=None, help="perturbation size ε (default 3e-3: see docs/fidelity.md)")
+    g.add_argument("--eps", default=None,
+                   help="perturbation size ε, or 'auto' (the default): about 100 forwards on the first batches find "
+                        "where this model, backend and data give loss differences that scale with ε, between the "
+                        "rounding noise and the loss's bend (docs/fidelity.md); a number skips the probe")
     g.add_argument("--optimizer", choices=[o.value for o in Optimizer], default=None, help="default sgd (MeZO's ZO-SGD)")
     g.add_argument("--schedule", choices=[s.value for s in Schedule], default=None, help="learning-rate schedule (default constant)")
     g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default 0)")
@@ -125,14 +128,18 @@ def _resolve(args, workers: int = 1) -> TuneSettings:
         return v if v is not None else cfg.get(name, default)
 
     d = LoopConfig()
-    lr = pick("lr", "auto")
-    try:
-        lr = lr if lr == "auto" else float(lr)
-    except ValueError as exc:
-        raise InvalidInputError(f"--lr must be a number or 'auto', got {lr!r}") from exc
+
+    def number_or_auto(name):
+        v = pick(name, "auto")
+        try:
+            return v if v == "auto" else float(v)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(f"--{name} must be a number or 'auto', got {v!r}") from exc
+
+    lr, eps = number_or_auto("lr"), number_or_auto("eps")
     loop = LoopConfig(
         steps=int(pick("steps", d.steps)), batch_size=int(pick("batch_size", d.batch_size)),
-        eps=float(pick("eps", d.eps)), lr=lr, optimizer=Optimizer(pick("optimizer", d.optimizer.value)),
+        eps=eps, lr=lr, optimizer=Optimizer(pick("optimizer", d.optimizer.value)),
         schedule=Schedule(pick("schedule", d.schedule.value)), warmup=int(pick("warmup", d.warmup)),
         directions=int(pick("directions", d.directions)), seed=int(pick("seed", d.seed)),
         eval_every=int(pick("eval_every", d.eval_every)), save_every=int(pick("save_every", d.save_every)),
@@ -140,7 +147,7 @@ def _resolve(args, workers: int = 1) -> TuneSettings:
     for name in ("steps", "batch_size", "directions", "eval_every", "save_every"):
         if getattr(loop, name) < 1:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be at least 1")
-    if loop.eps <= 0 or (loop.lr != "auto" and loop.lr <= 0):
+    if any(v != "auto" and v <= 0 for v in (loop.eps, loop.lr)):
         raise InvalidInputError("--eps and --lr must be positive")
     args.dist_timeout = float(pick("dist_timeout", distributed.DEFAULT_TIMEOUT_S))
     if args.dist_timeout <= 0:
@@ -277,18 +284,27 @@ def _run(args, settings: TuneSettings, world: World, team: Team | None) -> int:
             team.all_same("model, sidecar, data or settings", identity,
                           hint="launch every worker with the same files and flags")
         resume = args.resume or (world.restarts > 0 and (out / run_dir.CHECKPOINT).exists())
-        lr_search = None
-        if loop.lr == "auto" and lead:  # the others get the chosen lr with the start state
-            if resume:
-                lr, lr_search = _saved_lr(out)
-                loop = dataclasses.replace(loop, lr=lr)
-            else:
-                loop, lr_search = _search_lr(loop, live, len(shard), loss)
+        # ε first: the lr probes run at it. The others get both with the start state. A resumed run
+        # keeps what its searches chose (searching again costs forwards, and could choose differently).
+        searches = {}
+        if "auto" in (loop.eps, loop.lr) and lead:
+            saved = _saved_run(out) if resume else None
+            for name, search in (("eps", lambda lp: _search_eps(lp, live, len(shard), loss, say)),
+                                 ("lr", lambda lp: _search_lr(lp, live, len(shard), loss))):
+                if getattr(loop, name) != "auto":
+                    continue
+                if saved:
+                    loop = dataclasses.replace(loop, **{name: float(saved["settings"][name])})
+                    searches[name] = saved.get(f"{name}_search")
+                    say(f"--{name} auto: resuming at the run's {name} {getattr(loop, name):g}")
+                else:
+                    loop, searches[name] = search(loop)
             settings = dataclasses.replace(settings, loop=loop)
 
         run_info = {
             **identity, "settings": _settings_json(settings), "model": str(model), "sidecar": str(sidecar_path),
-            "data": str(args.data), "valid": str(args.valid) if args.valid else None, "lr_search": lr_search,
+            "data": str(args.data), "valid": str(args.valid) if args.valid else None,
+            "eps_search": searches.get("eps"), "lr_search": searches.get("lr"),
             "edge_zo_version": _version(), "workers": world.size,
         }
         if world.restarts > 0:
@@ -304,14 +320,14 @@ def _run(args, settings: TuneSettings, world: World, team: Team | None) -> int:
                 error = exc
         if team is not None:  # once per (re)start, so the other workers need neither the run folder nor its disk
             mine = None if not lead else {"error": str(error)} if error else {
-                "lr": loop.lr, "step": state.step, "theta": state.theta, **state.opt.arrays()}
+                "eps": loop.eps, "lr": loop.lr, "step": state.step, "theta": state.theta, **state.opt.arrays()}
             got = team.broadcast(mine)
             if error is not None:
                 raise error
             if "error" in got:
                 raise EdgeZoError(f"worker 0 stopped the run: {got['error']}")
             if not lead:
-                loop = dataclasses.replace(loop, lr=got["lr"])
+                loop = dataclasses.replace(loop, eps=got["eps"], lr=got["lr"])
                 state = LoopState.fresh(got["theta"], loop)
                 state.step = got["step"]
                 for k, a in state.opt.arrays().items():
@@ -499,17 +515,35 @@ def _search_lr(loop: LoopConfig, live: np.ndarray, n_examples: int, loss) -> tup
         "probe_steps": probe_steps, "losses": {str(k): v for k, v in results.items()}, "best": best, "chosen": chosen}
 
 
-def _saved_lr(out: Path) -> tuple[float, dict | None]:
-    """(lr, its search) of the run being resumed: with `--lr auto` a resumed run keeps the rate it
-    started with (searching again would cost 100 steps, or pick another rate than a fixed-lr run had).
-    run.json always holds a number there: the search's pick is saved, never 'auto'."""
+def _saved_run(out: Path) -> dict:
+    """run.json of the run being resumed, read before any search (so a missing run is told at once).
+    Its settings always hold numbers: the searches' picks are saved, never 'auto'."""
     path = out / run_dir.RUN_JSON
-    if not path.is_file():  # say so now, not after the search's 100 steps
+    if not path.is_file():
         raise InvalidInputError(f"{out}: no run to resume (no {run_dir.RUN_JSON})")
-    saved = json.loads(path.read_text())
-    lr = float(saved["settings"]["lr"])
-    print(f"edge-zo tune: --lr auto: resuming at the run's lr {lr:g} ({path})", file=sys.stderr)
-    return lr, saved.get("lr_search")
+    return json.loads(path.read_text())
+
+
+def _search_eps(loop: LoopConfig, live: np.ndarray, n_examples: int, loss, say) -> tuple[LoopConfig, dict]:
+    """`--eps auto` (edge_zo.eps_probe) on the run's first batches, from θ = 0."""
+    from ..trainer import batch_indices
+
+    batches = [batch_indices(loop.seed, k, n_examples, loop.batch_size) for k in range(eps_probe.DIRECTIONS)]
+
+    def loss_at(k, offset):
+        live[:] = offset
+        return loss(batches[k])
+
+    try:
+        choice = eps_probe.choose_eps(loss_at, len(live), loop.seed)
+    finally:
+        live[:] = 0.0
+    say(f"--eps auto: ε {choice.eps:g}, between {choice.pair[0]:g} and {choice.pair[1]:g} whose loss differences "
+        f"agree at {choice.agreement:.2f} ({choice.forwards} forwards)")
+    note = eps_probe.warning(choice)
+    if note:
+        say("warning: " + note)
+    return dataclasses.replace(loop, eps=choice.eps), choice.as_json()
 
 
 def _version() -> str:
