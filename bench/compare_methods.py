@@ -214,7 +214,7 @@ def run(args) -> None:
         t = time.time()
         edge_zo(["tune", model, str(folder / "train.jsonl"), "--valid", str(folder / "valid.jsonl"), "--sidecar", sidecar,
                  "-o", str(out), "--quiet", "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                 "--seed", str(seed), "--lr", lr or "auto", "--eval-every", str(args.steps), "--save-every", str(args.steps),
+                 "--seed", str(seed), "--lr", lr or "auto", "--eps", args.eps, "--eval-every", str(args.steps), "--save-every", str(args.steps),
                  *common], deadline - time.time())
         wall = time.time() - t
         r = json.loads(edge_zo(["eval", model, str(folder / "test.jsonl"), "--adapter", sidecar,
@@ -223,7 +223,7 @@ def run(args) -> None:
         metrics = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
         train = [m["loss"] for m in metrics if "loss" in m]
         res = {"test_loss": r["loss"], "valid_loss": [m["valid_loss"] for m in metrics if "valid_loss" in m][-1],
-               "lr": info["settings"]["lr"], "lr_search": (info["lr_search"] or {}).get("losses"), "steps": args.steps,
+               "eps": info["settings"]["eps"], "lr": info["settings"]["lr"], "lr_search": (info["lr_search"] or {}).get("losses"), "steps": args.steps,
                "batch_size": args.batch_size, "train_loss_first": statistics.fmean(train[:10]),
                "train_loss_last": statistics.fmean(train[-10:]), "wall_s": round(wall, 1), "n_params": info["n_params"]}
         if "accuracy" in r:
@@ -378,6 +378,8 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--eps", default="3e-3",
+                   help="the native arms' ε (default 3e-3, what every cell of docs/compare.md ran at; 'auto': tune's default)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--gpu-layers", type=int, default=99)
     p.add_argument("--threads", type=int, default=2,
