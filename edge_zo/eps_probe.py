@@ -111,16 +111,17 @@ def choose_eps(loss_at: Callable[[int, np.ndarray], float], n_params: int, seed:
         else:
             break
     eps = float(f"{math.sqrt(best[0] * best[1]):.3g}")
-    return EpsChoice(eps, corr(*best), best, {f"{e:.3g}": float(np.sqrt(np.mean(d ** 2))) for e, d in sorted(diffs.items())},
-                     {f"{a:.3g}/{b:.3g}": round(corr(a, b), 4) for a, b in pairs}, directions,
-                     2 * directions * len(diffs))
+    rms = {f"{e:.3g}": float(np.sqrt(np.mean(d ** 2))) for e, d in sorted(diffs.items())}
+    correlations = {f"{a:.3g}/{b:.3g}": round(corr(a, b), 4) for a, b in pairs}
+    return EpsChoice(eps, corr(*best), best, rms, correlations, directions, 2 * directions * len(diffs))
 
 
 def warning(choice: EpsChoice) -> str | None:
     """What to tell the user when the probe says the estimates will be poor at any ε."""
     if not any(choice.rms_diff.values()):
-        return (f"--eps auto: the loss did not move with the tuned coordinates at any ε from {min(choice.pair):g} "
-                f"to {EPS_MAX:g}; check that the data's targets reach the masked weights")
+        tried = [float(e) for e in choice.rms_diff]
+        return (f"--eps auto: the loss did not move with the tuned coordinates at any ε from {min(tried):g} "
+                f"to {max(tried):g}; check that the data's targets reach the masked weights")
     if choice.agreement < POOR_AGREEMENT:
         return (f"--eps auto: the loss differences agree poorly at every ε tried (best correlation "
                 f"{choice.agreement:.2f}, at ε {choice.pair[0]:g} and {choice.pair[1]:g}): expect noisy gradient "
