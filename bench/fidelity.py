@@ -253,6 +253,11 @@ class NativeArm:
         self.rt.close()
 
 
+def backend_key(gpu_layers: int) -> list[str]:
+    """The backend's part of a cache key: none on the CPU, so CPU cells keep the keys they were cached under."""
+    return [f"gpu {gpu_layers}"] if gpu_layers else []
+
+
 def run_cells(cells: list[Cell], batches: dict[int, list[Example]], mask, directions: int, seed: int,
               threads: int, cache: Path) -> dict[Cell, dict]:
     """Per cell: {"lp", "lm", "loss0", "seconds"}; directions outer, cells inner, so a partial run
@@ -266,9 +271,8 @@ def run_cells(cells: list[Cell], batches: dict[int, list[Example]], mask, direct
             done[(r["key"], r["d"])] = r
     sha = {m: ModelInfo.open(m).sha256() for m in {c.model for c in cells}}
     mkey = mask_key(mask)
-    # The GPU's key part is added only on a GPU, so the CPU cells keep the keys they were cached under.
     keys = {c: digest(sha[c.model], mkey, batch_key(batches[c.batch]), c.kv_f32, c.eps, seed,
-                      *([f"gpu {c.gpu_layers}"] if c.gpu_layers else [])) for c in cells}
+                      *backend_key(c.gpu_layers)) for c in cells}
     arms: dict[tuple[str, bool, int, int], NativeArm] = {}
     out = {c: {"lp": [], "lm": [], "seconds": []} for c in cells}
     todo = sum(1 for c in cells for d in range(directions) if (keys[c], d) not in done)
@@ -410,25 +414,21 @@ def finish(args, table: str, result: dict, plot) -> None:
 
 def auto_eps(s: "Setup", size: int) -> dict:
     """What `edge-zo tune --eps auto` chooses here: edge_zo.eps_probe on the run's first batches
-    (steps 0 … 7 of seed 0, the first of them the tables' batch), KV F16. Cached like the losses."""
+    (one per probe direction; the first is the tables' batch), KV F16. Cached like the losses."""
     from edge_zo import eps_probe
 
     batches = [s.batch(size, k) for k in range(eps_probe.DIRECTIONS)]
     key = digest(s.info.sha256(), mask_key(s.mask), [batch_key(x) for x in batches], s.args.seed,
                  "ladder", eps_probe.LADDER, eps_probe.DIRECTIONS, eps_probe.LINEAR_GROWTH, eps_probe.TIE,
-                 *([f"gpu {s.gpu_layers}"] if s.gpu_layers else []))
+                 *backend_key(s.gpu_layers))
     path = s.cache / f"eps-auto-{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
     arm = NativeArm(s.model, False, batches[0], s.mask, s.args.threads, s.gpu_layers)
     try:
-        def loss_at(k, offset):
-            arm.adapter.values[:] = offset
-            return arm.rt.loss(batches[k]).mean
-
         t = time.perf_counter()
-        choice = eps_probe.choose_eps(loss_at, arm.adapter.n_params, s.args.seed).as_json()
-        arm.adapter.values[:] = 0.0
+        choice = eps_probe.choose_eps_live(arm.adapter.values, lambda k: arm.rt.loss(batches[k]).mean,
+                                           s.args.seed).as_json()
     finally:
         arm.close()
     log(f"--eps auto: {choice['eps']:g} (correlations {choice['correlations']}, {time.perf_counter() - t:.0f} s)")

@@ -15,8 +15,8 @@ noise, above it the one at 3ε has bent, and the correlation drops either way.
 
 So the probe takes differences on a ×3 ladder of ε over the same directions (its own, one per
 batch of the run's first batches, not the run's directions), finds the neighbouring pair that
-agrees best (the lowest of near-ties), and returns the geometric mean of the pair. Two rungs can also agree where both are
-past the bend, if the loss is a smooth curve there (on the models measured it was not: rungs
+agrees best (the lowest of near-ties), and returns the geometric mean of the pair. Two rungs can
+also agree where both are past the bend, if the loss is a smooth curve there (on the models measured it was not: rungs
 past it agreed at 0.3–0.45); the differences then grow much faster than ε, so a pair counts only
 if its rms grows about as ε does (×1.7 to ×5.2 for ×3). Where the best pair is at an end of the
 ladder, or no pair grows linearly, the ladder grows a rung that way (within EPS_MIN … EPS_MAX).
@@ -114,6 +114,23 @@ def choose_eps(loss_at: Callable[[int, np.ndarray], float], n_params: int, seed:
     rms = {f"{e:.3g}": float(np.sqrt(np.mean(d ** 2))) for e, d in sorted(diffs.items())}
     correlations = {f"{a:.3g}/{b:.3g}": round(corr(a, b), 4) for a, b in pairs}
     return EpsChoice(eps, corr(*best), best, rms, correlations, directions, 2 * directions * len(diffs))
+
+
+def choose_eps_live(live: np.ndarray, batch_loss: Callable[[int], float], seed: int,
+                    directions: int = DIRECTIONS) -> EpsChoice:
+    """choose_eps through the buffer the native runtime reads: each offset is written into `live`
+    around the values θ it holds, and θ is back in it afterwards. `batch_loss(k)` is the loss of the
+    run's k-th batch with `live` as it is."""
+    theta = live.copy()
+
+    def loss_at(k: int, offset: np.ndarray) -> float:
+        np.add(theta, offset, out=live)
+        return batch_loss(k)
+
+    try:
+        return choose_eps(loss_at, len(live), seed, directions)
+    finally:
+        live[:] = theta
 
 
 def warning(choice: EpsChoice) -> str | None:

@@ -4,8 +4,7 @@ The objective is what llama.cpp's loss looks like to SPSA (docs/fidelity.md): a 
 cubic one along another direction that matches it at ε = `bend` (past it, the difference has
 parts that z·∇L does not explain and that grow like ε³, as measured), plus a rounding noise that
 is a fixed function of the values (the same values give the same loss, any change a fresh draw).
-The test
-of a choice is the one bench/fidelity.py makes on real models: over fresh directions, does
+The test of a choice is the one bench/fidelity.py makes on real models: over fresh directions, does
 (L(θ+εz) − L(θ−εz)) / 2ε follow the exact z·∇L?"""
 import hashlib
 
@@ -88,3 +87,21 @@ def test_a_loss_that_is_not_finite_stops_the_probe():
         eps_probe.choose_eps(lambda k, off: float("nan"), N, seed=0)
     with pytest.raises(ValueError):
         eps_probe.choose_eps(lambda k, off: 1.0, 0, seed=0)
+
+
+def test_through_the_live_buffer_around_theta_and_back():
+    loss_at, _, g = objective(95, 0.0, 3e-2)       # no noise: θ + offset − θ rounds, a fresh draw would differ
+    theta = np.random.default_rng(1).standard_normal(N).astype(np.float32) * 1e-3
+    live = theta.copy()
+    seen = []
+
+    def batch_loss(k):
+        seen.append(live - theta)
+        return loss_at(k, live - theta)
+
+    c = eps_probe.choose_eps_live(live, batch_loss, seed=0)
+    assert np.array_equal(live, theta)                         # θ is back
+    direct = eps_probe.choose_eps(loss_at, N, seed=0)         # the same offsets, around θ
+    assert (c.eps, c.pair) == (direct.eps, direct.pair) and c.agreement == pytest.approx(direct.agreement)
+    assert np.allclose(seen[0], np.float32(eps_probe.LADDER[0]) * spsa.direction(0, 0, N, eps_probe.PROBE_STREAM),
+                       atol=1e-9)

@@ -529,15 +529,7 @@ def _search_eps(loop: LoopConfig, live: np.ndarray, n_examples: int, loss, say) 
     from ..trainer import batch_indices
 
     batches = [batch_indices(loop.seed, k, n_examples, loop.batch_size) for k in range(eps_probe.DIRECTIONS)]
-
-    def loss_at(k, offset):
-        live[:] = offset
-        return loss(batches[k])
-
-    try:
-        choice = eps_probe.choose_eps(loss_at, len(live), loop.seed)
-    finally:
-        live[:] = 0.0
+    choice = eps_probe.choose_eps_live(live, lambda k: loss(batches[k]), loop.seed)
     say(f"--eps auto: ε {choice.eps:g}, between {choice.pair[0]:g} and {choice.pair[1]:g} whose loss differences "
         f"agree at {choice.agreement:.2f} ({choice.forwards} forwards)")
     note = eps_probe.warning(choice)
