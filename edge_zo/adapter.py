@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_path
-from .constants import IDX_SUFFIX, SPARSE_FORMAT_VERSION, VAL_SUFFIX, Adapter, General, Sparse
+from .constants import IDX_SUFFIX, SPARSE_FORMAT_VERSION, VAL_SUFFIX, VALUE_MAX, Adapter, General, Sparse
 from .errors import IncompatibleAdapterError, InvalidInputError, ModelFileError
 from .model_info import ModelInfo
 
@@ -102,6 +102,16 @@ class SparseAdapter:
                 f"{source} does not fit model {model.path}:\n  {listing}\n"
                 "Use the adapter with the model it was made for, or rebuild it with `edge-zo convert`.")
 
+    def check_base(self, model_sha256: str, model_path: str | Path, source: str = "adapter") -> None:
+        """Refuse an adapter that records another base model (adapter.sparse.base_model_sha256)
+        than `model_sha256`: same shapes do not make the same model."""
+        made_for = self.metadata.get(Sparse.BASE_MODEL_SHA256)
+        if made_for is not None and made_for != model_sha256:
+            raise IncompatibleAdapterError(
+                f"{source} was made for another base model ({Sparse.BASE_MODEL_SHA256} {made_for[:16]}..., but "
+                f"{model_path} has sha256 {model_sha256[:16]}...). Use it with the model it was made for (a run's "
+                "run.json names it), or pass --allow-other-base to apply it to this one anyway.")
+
     # ---- files ----
 
     def save(self, path: str | Path) -> None:
@@ -109,6 +119,12 @@ class SparseAdapter:
         import gguf
 
         self.validate(str(path))
+        beyond = np.flatnonzero(~(np.abs(self.values) <= VALUE_MAX))   # NaN compares false: caught too
+        if len(beyond):
+            w = int(np.searchsorted(self.offsets, beyond[0], side="right")) - 1
+            raise InvalidInputError(f"{path}: {self.names[w]}: value {int(beyond[0] - self.offsets[w])} is "
+                                    f"{self.values[beyond[0]]:g}; an adapter stores F16 values within "
+                                    f"±{VALUE_MAX:g}")
         with atomic_path(path) as tmp:
             w = gguf.GGUFWriter(tmp, self.architecture)
             w.add_type(gguf.GGUFType.ADAPTER)
@@ -129,13 +145,17 @@ class SparseAdapter:
         import gguf
 
         path = Path(path)
+        if path.is_dir():
+            raise ModelFileError(f"{path}: is a folder; pass the adapter's .gguf file (e.g. RUN/deltas.gguf)")
         if not path.is_file():
             raise ModelFileError(f"{path}: no such adapter file")
-        try:
+        try:   # gguf-py raises many kinds of errors on a damaged file; each means the same to the user
             reader = gguf.GGUFReader(path)
+            fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+            tensors = {t.name: t for t in reader.tensors}
         except Exception as exc:
-            raise ModelFileError(f"{path}: not a readable GGUF file ({exc})") from exc
-        fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+            raise ModelFileError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc}); it is damaged or "
+                                 "not an adapter: use another copy, or rerun the command that wrote it") from None
         if fields.get(General.TYPE) != "adapter" or fields.get(Adapter.TYPE) != Adapter.SPARSE:
             raise ModelFileError(
                 f"{path}: not a sparse adapter ({General.TYPE}={fields.get(General.TYPE)!r}, "
@@ -145,7 +165,8 @@ class SparseAdapter:
             raise ModelFileError(f"{path}: sparse adapter format version {version!r}; this edge-zo reads "
                                  f"version {SPARSE_FORMAT_VERSION}. Upgrade edge-zo or re-export the adapter.")
         arch = fields.get(General.ARCHITECTURE)
-        tensors = {t.name: t for t in reader.tensors}
+        if not isinstance(arch, str) or not isinstance(fields.get(Sparse.BASE_MODEL_SHA256, ""), str):
+            raise ModelFileError(f"{path}: {General.ARCHITECTURE} and {Sparse.BASE_MODEL_SHA256} must be strings")
         weights = {}
         for tname, t in tensors.items():
             if tname.endswith(VAL_SUFFIX) and tname[: -len(VAL_SUFFIX)] + IDX_SUFFIX not in tensors:
@@ -162,10 +183,18 @@ class SparseAdapter:
                     gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32):
                 raise ModelFileError(f"{path}: {name}: expected I32 indices and F16 values, got "
                                      f"{t.tensor_type.name} and {v.tensor_type.name}")
-            idx = np.asarray(t.data, dtype=np.int64).ravel()
-            val = np.asarray(v.data, dtype=np.float32).ravel()
+            try:
+                idx = np.asarray(t.data, dtype=np.int64).ravel()
+                val = np.asarray(v.data, dtype=np.float32).ravel()
+            except Exception as exc:
+                raise ModelFileError(f"{path}: {name}: unreadable tensor data ({type(exc).__name__}: {exc})") from None
             if idx.size != val.size:
                 raise ModelFileError(f"{path}: {name}: {idx.size} indices but {val.size} values")
+            bad = np.flatnonzero(~np.isfinite(val))
+            if len(bad):
+                raise ModelFileError(f"{path}: tensor {name + VAL_SUFFIX}: value {int(bad[0])} is {val[bad[0]]} "
+                                     f"({len(bad)} not finite in all); the adapter is damaged or was saved from a "
+                                     "diverged run: use an earlier one, or tune again with a smaller --lr")
             weights[name] = (idx, val)
         meta = {k: v for k, v in fields.items()
                 if k.startswith("adapter.sparse.") and k != Sparse.FORMAT_VERSION}

@@ -36,6 +36,7 @@ class Sparse:
 SPARSE_FORMAT_VERSION = 1
 IDX_SUFFIX = ".sparse_idx"
 VAL_SUFFIX = ".sparse_val"
+VALUE_MAX = 65504.0                            # largest F16, the type of every stored sparse value
 
 # Weights llama.cpp multiplies inside each block; the default tuning targets.
 BLOCK_MATMUL_SUFFIXES = (

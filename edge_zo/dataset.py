@@ -8,6 +8,8 @@ One JSON object per line; the format is detected from the first record's keys:
   model's chat template; loss on the assistant turns.
 - `{"text": ...}`: loss on every token after the first.
 Every problem names the file and line; nothing is tokenized until all rows parse.
+Files are UTF-8 (a leading byte-order mark is allowed); either every
+prompt/completion row has `choices` or none does.
 """
 from __future__ import annotations
 
@@ -69,24 +71,48 @@ def _fail(path, line, why):
 
 def load_jsonl(path: str | Path) -> Dataset:
     path = Path(path)
+    if path.is_dir():
+        raise InvalidInputError(f"{path}: is a folder; pass a .jsonl file ({DATA_HELP}).")
     if not path.is_file():
         raise InvalidInputError(f"{path}: no such data file. Pass a .jsonl file ({DATA_HELP}).")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise InvalidInputError(f"{path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); "
+                                f"save it as UTF-8 ({DATA_HELP})")
+    raw = raw.removeprefix(b"\xef\xbb\xbf")   # a UTF-8 byte-order mark, as some editors write
     records, fmt = [], None
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                _fail(path, line_no, f"not valid JSON: {exc.msg} at column {exc.colno}")
-            if not isinstance(obj, dict):
-                _fail(path, line_no, f"expected a JSON object, got {type(obj).__name__}")
-            fmt = fmt or _detect(path, line_no, obj)
-            _check_record(path, line_no, obj, fmt)
-            records.append(Record(line_no, obj))
+    for line_no, data in enumerate(raw.split(b"\n"), 1):
+        try:
+            line = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            _fail(path, line_no, f"not UTF-8 (byte 0x{data[exc.start]:02x} at column {exc.start + 1}); "
+                  "save the file as UTF-8")
+        if not line.strip():
+            continue
+        if "\0" in line:
+            _fail(path, line_no, f"holds a NUL byte at column {line.index(chr(0)) + 1}: is the file UTF-16 or "
+                  "binary? Save it as UTF-8 text")
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            _fail(path, line_no, f"not valid JSON: {exc.msg} at column {exc.colno}")
+        except RecursionError:
+            _fail(path, line_no, "not valid JSON here: nested too deeply")
+        if not isinstance(obj, dict):
+            _fail(path, line_no, f"expected a JSON object, got {type(obj).__name__}")
+        fmt = fmt or _detect(path, line_no, obj)
+        _check_record(path, line_no, obj, fmt)
+        records.append(Record(line_no, obj))
     if not records:
         raise InvalidInputError(f"{path}: the file has no records ({DATA_HELP})")
+    with_choices = [r for r in records if "choices" in r.fields]
+    if with_choices and len(with_choices) < len(records):
+        without = next(r for r in records if "choices" not in r.fields)
+        _fail(path, without.line, f"no 'choices', but line {with_choices[0].line} has them: give every row "
+              "'choices' (for accuracy) or none")
     return Dataset(path, fmt, records)
 
 
@@ -102,6 +128,8 @@ def _detect(path, line_no, obj) -> Format:
 
 
 def _check_record(path, line_no, obj, fmt: Format) -> None:
+    _check_strings(path, line_no, obj)
+
     def need_str(key):
         if not isinstance(obj.get(key), str):
             _fail(path, line_no, f"'{key}' must be a string in {fmt.value} data"
@@ -118,6 +146,9 @@ def _check_record(path, line_no, obj, fmt: Format) -> None:
                 _fail(path, line_no, "'choices' must be a list of at least two non-empty strings")
             if obj["completion"] not in ch:
                 _fail(path, line_no, "'completion' must be one of 'choices'")
+            twice = next((c for i, c in enumerate(ch) if c in ch[:i]), None)
+            if twice is not None:
+                _fail(path, line_no, f"'choices' lists {twice!r} twice; each choice must be different")
     elif fmt is Format.TEXT:
         need_str("text")
         if not obj["text"].strip():
@@ -131,6 +162,27 @@ def _check_record(path, line_no, obj, fmt: Format) -> None:
                 _fail(path, line_no, f"message {i} must be an object with string 'role' and 'content'")
         if not any(m["role"] == "assistant" for m in msgs):
             _fail(path, line_no, "no 'assistant' message: there is nothing to learn or score")
+
+
+def _check_strings(path, line_no, obj: dict) -> None:
+    """Every string must travel to the tokenizer whole: UTF-8 encodable (no lone surrogate
+    such as \\ud800) and free of NUL, which C strings would cut."""
+    todo = [("", obj)]
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, dict):
+            todo += [(f"{where}.{k}" if where else f"'{k}'", v) for k, v in value.items()] + [(where, k) for k in value]
+        elif isinstance(value, list):
+            todo += [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                _fail(path, line_no, f"{where or 'a key'} holds a lone surrogate ({value[exc.start]!a}) at character "
+                      f"{exc.start + 1}; write the character itself, or both halves of a surrogate pair")
+            if "\0" in value:
+                _fail(path, line_no, f"{where or 'a key'} holds a NUL character (\\u0000) at character "
+                      f"{value.index(chr(0)) + 1}; remove it")
 
 
 class Tokenizer:

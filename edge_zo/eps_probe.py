@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import spsa
+from .errors import DivergedError
 
 LADDER = (1e-3, 3e-3, 9e-3, 2.7e-2)
 STEP = 3.0
@@ -77,7 +78,9 @@ def choose_eps(loss_at: Callable[[int, np.ndarray], float], n_params: int, seed:
         e = np.float32(eps)
         d = np.array([loss_at(k, e * z) - loss_at(k, -e * z) for k, z in enumerate(zs)])
         if not np.all(np.isfinite(d)):
-            raise FloatingPointError(f"--eps auto: a loss at ±{eps:.3g}·z was not finite")
+            raise DivergedError(f"--eps auto: a loss at ±{eps:.3g}·z was not finite: the model with its sidecar "
+                                "gives non-finite losses on this data (see `edge-zo eval MODEL DATA --adapter "
+                                "SIDECAR`)", 0)
         diffs[eps] = d
 
     def corr(a: float, b: float) -> float:

@@ -31,3 +31,17 @@ class NativeBuildError(EdgeZoError, ImportError):
 
 class WorkerLostError(EdgeZoError, RuntimeError):
     """A worker of a distributed run died, hung past the timeout, or never joined."""
+
+
+class DivergedError(EdgeZoError, FloatingPointError):
+    """Training produced a non-finite loss or values beyond what a sparse adapter stores.
+
+    `step` is the last finite step: the state handed to the loop has been put back there."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class RunLockedError(EdgeZoError, BlockingIOError):
+    """Another process is writing the same run folder."""

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import spsa
+from .constants import VALUE_MAX
+from .errors import DivergedError
 from .spsa import Optimizer, OptimizerState, Schedule
 
 
@@ -38,6 +40,7 @@ class LoopConfig:
     seed: int = 0
     eval_every: int = 25
     save_every: int = 25
+    patience: int = 0        # stop after this many validations without a new best valid_loss; 0: never
     beta1: float = 0.9
     beta2: float = 0.999
 
@@ -53,6 +56,21 @@ class LoopState:
     theta: np.ndarray
     opt: OptimizerState
     scalars: list[list[float]] = field(default_factory=list)   # projected gradient(s) per step
+    # The validated state with the lowest valid_loss so far: what deltas.gguf holds.
+    best_step: int = 0
+    best_loss: float = float("inf")
+    best_theta: np.ndarray | None = None
+
+    def note_validation(self, valid_loss: float) -> bool:
+        """Keep θ if this validation is the best so far; True when it is."""
+        if not valid_loss < self.best_loss:   # NaN never wins
+            return False
+        self.best_step, self.best_loss, self.best_theta = self.step, float(valid_loss), self.theta.copy()
+        return True
+
+    @property
+    def best(self) -> np.ndarray:
+        return self.theta if self.best_theta is None else self.best_theta
 
     @classmethod
     def fresh(cls, theta0: np.ndarray, cfg: LoopConfig) -> "LoopState":
@@ -85,11 +103,21 @@ def train(cfg: LoopConfig, state: LoopState, *, n_examples: int, live: np.ndarra
           loss: Callable[[np.ndarray], float], evaluate: Callable[[], dict],
           report: Callable[[dict], None], checkpoint: Callable[[LoopState], None],
           progress: Callable[[int, dict], None] = lambda step, info: None,
-          rank: int = 0, workers: int = 1, gather: Gather = gather_local) -> LoopState:
+          rank: int = 0, workers: int = 1, gather: Gather = gather_local,
+          deadline: float | None = None) -> LoopState:
     """Run from state.step to cfg.steps. Validation at the start, every
     cfg.eval_every steps and at the end; checkpoints every cfg.save_every steps,
     at the end, and on Ctrl-C (then Interrupted is raised). With several workers,
-    a Ctrl-C on any of them stops all of them after the same step."""
+    a Ctrl-C on any of them stops all of them after the same step.
+
+    The run ends early, validated and checkpointed, when the next step and a
+    validation would pass `deadline` (a time.perf_counter() value), or after
+    cfg.patience validations without a new best valid_loss.
+
+    A step whose training loss, projected gradient, new θ (beyond ±VALUE_MAX, the F16
+    range of the deltas file, counts) or validation metrics are not finite raises
+    DivergedError before it is reported or checkpointed, with `state` put back to the
+    last finite step: the caller may checkpoint it, and a resume from there is exact."""
     stop = {"now": False}
 
     def on_sigint(signum, frame):  # finish the current step, save, then stop
@@ -103,8 +131,28 @@ def train(cfg: LoopConfig, state: LoopState, *, n_examples: int, live: np.ndarra
     previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
     try:
         live[:] = state.theta
+        eval_seconds = 0.0
+
+        def validate(info: dict) -> None:
+            nonlocal eval_seconds
+            t = time.perf_counter()
+            metrics = evaluate()
+            eval_seconds = time.perf_counter() - t
+            bad = _not_finite(metrics)
+            if bad:
+                raise DivergedError(f"the validation {bad}", state.step)
+            info.update(metrics)
+            if "valid_loss" in info:
+                state.note_validation(info["valid_loss"])
+
         if state.step == 0:
-            report({"step": 0, **evaluate()})
+            info = {"step": 0}
+            try:
+                validate(info)
+            except DivergedError as exc:
+                raise DivergedError(f"{exc} before any step: the model with its attached adapters gives "
+                                    "non-finite losses on the validation data", 0) from None
+            report(info)
         while state.step < cfg.steps:
             step = state.step
             t0 = time.perf_counter()
@@ -118,28 +166,66 @@ def train(cfg: LoopConfig, state: LoopState, *, n_examples: int, live: np.ndarra
             t_gather = time.perf_counter() - t_gather
             gs = [e.g for e in estimates]
             lr = cfg.lr_at(step)
+            mean_loss = float(np.mean([e.loss for e in estimates]))
+            if not (np.isfinite(mean_loss) and np.all(np.isfinite(gs))):
+                raise DivergedError(f"training diverged at step {step + 1}: the training loss at θ ± ε·z "
+                                    f"is {mean_loss:g}", step)
+            before = (state.theta.copy(), {k: a.copy() for k, a in state.opt.arrays().items()})
             spsa.take_step(state.theta, state.opt, gs, seed=cfg.seed, step=step, lr=lr)
+            beyond = np.flatnonzero(~(np.abs(state.theta) <= VALUE_MAX))   # NaN compares false: caught too
+            if len(beyond):
+                i = int(beyond[0])
+                value = float(state.theta[i])
+                _restore(state, live, before)
+                raise DivergedError(f"training diverged at step {step + 1}: the update took value {i} "
+                                    f"to {value:g}, beyond the ±{VALUE_MAX:g} a deltas file holds", step)
             live[:] = state.theta
             state.scalars.append(gs)
             state.step += 1
             dt = time.perf_counter() - t0
-            info = {"step": state.step, "loss": float(np.mean([e.loss for e in estimates])),
+            info = {"step": state.step, "loss": mean_loss,
                     "projected_grad": float(np.mean(gs)), "eps": cfg.eps, "lr": lr, "step_seconds": dt}
             if workers > 1:
                 info["gather_seconds"] = t_gather   # the all-gather, waiting for the slowest worker included
-            if not np.isfinite(info["loss"]) or not np.all(np.isfinite(state.theta)):
-                checkpoint(state)
-                raise FloatingPointError(f"training diverged at step {state.step} (loss {info['loss']}); "
-                                         "lower --lr or raise --eps")
             progress(state.step, info)
-            if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
-                info.update(evaluate())
+            ending = state.step == cfg.steps or (
+                deadline is not None and time.perf_counter() + dt + eval_seconds >= deadline)
+            if ending or state.step % cfg.eval_every == 0:
+                try:
+                    validate(info)
+                except DivergedError as exc:
+                    state.scalars.pop()
+                    state.step -= 1
+                    _restore(state, live, before)
+                    raise DivergedError(f"training diverged at step {step + 1}: {exc}", step) from None
+                if cfg.patience and "valid_loss" in info and \
+                        state.step - state.best_step >= cfg.patience * cfg.eval_every:
+                    ending = True
             report(info)
-            if state.step % cfg.save_every == 0 or state.step == cfg.steps or stopping:
+            if state.step % cfg.save_every == 0 or ending or stopping:
                 checkpoint(state)
-            if stopping and state.step < cfg.steps:
+            if ending:
+                break
+            if stopping:
                 raise Interrupted(f"stopped at step {state.step}")
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, previous)
     return state
+
+
+def _not_finite(metrics: dict) -> str | None:
+    """'loss is nan' for the first metric that is not a finite number, else None."""
+    for key, value in metrics.items():
+        if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+            return f"{key.removeprefix('valid_')} is {value:g}"
+    return None
+
+
+def _restore(state: LoopState, live: np.ndarray, before: tuple[np.ndarray, dict[str, np.ndarray]]) -> None:
+    """Put θ and the optimizer's moments back to where the step started."""
+    theta, moments = before
+    state.theta[:] = theta
+    for k, a in state.opt.arrays().items():
+        a[:] = moments[k]
+    live[:] = state.theta
