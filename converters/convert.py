@@ -13,7 +13,6 @@ No file appears under its final name until it is complete.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import math
 import os
@@ -25,17 +24,18 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_zo import atomic
 from edge_zo.adapter import SparseAdapter
-from edge_zo.constants import Sparse
 from edge_zo.errors import InvalidInputError, ModelFileError
+from edge_zo.gguf_io import TensorFile
 from edge_zo.model_info import ModelInfo, file_sha256
 from edge_zo.runtime import Runtime, RuntimeOptions
 
 from . import calib
+from . import mask as masks
 from .codes import values_at
 from .dense import QUANT_CHOICES, Split, plan_types, write_dense
-from .fisher import MaskMethod, Scope, fisher_scores, magnitude_scores, random_scores, select
-from .gguf_tensors import TensorFile
+from .fisher import MaskMethod, Scope
 from .hf_names import arch_spec
 
 DEFAULT_QUANT = "Q4_1"          # measured in docs/convert.md: better perplexity than Q4_0 at nearly equal speed
@@ -59,6 +59,10 @@ class Settings:
     seed: int = 0
     threads: int = 0
     progress: bool = True
+
+    @property
+    def mask_spec(self) -> masks.MaskSpec:
+        return masks.MaskSpec(self.mask, self.density, self.scope, self.seed)
 
     def validate(self) -> None:
         if not 0 < self.density < 1:
@@ -117,7 +121,7 @@ def run(s: Settings) -> Report:
     else:
         raise ModelFileError(f"{src}: no such file or folder. Pass a .gguf model or a Hugging Face model folder.")
     info = ModelInfo.open(gguf_path)
-    spec = arch_spec(info.architecture, str(src))
+    arch_spec(info.architecture, str(src))   # an architecture convert cannot handle fails here, before any work
     source_sha = source_sha or info.sha256()
     targets = resolve_targets(info, s.targets)
     tf = TensorFile(gguf_path, info.header)
@@ -132,26 +136,24 @@ def run(s: Settings) -> Report:
             raise InvalidInputError("the calibration text yields no sequence with a target token")
         if corpus.held_out:
             report.quality["source"] = _loss(rt, corpus.held_out)
-        probe = corpus.train[:1]
-        native_probe = rt.loss(probe).mean if s.mask is MaskMethod.FISHER else None
+        native_probe = rt.loss(corpus.train[:1]).mean if s.mask is MaskMethod.FISHER else None
     report.calibration = {"source": corpus.source, "sha256": corpus.sha256, "tokens": corpus.train_tokens,
                           "sequences": len(corpus.train), "held_out_tokens": corpus.held_out_tokens}
     clock.lap("data")
 
     # 3. mask
-    key = _mask_key(s, source_sha, corpus, targets)
-    cache = work / f"mask-{key}.npz"
-    mask, report.torch_vs_native = _load_mask(cache, targets)
-    if mask is None:
-        scores = compute_scores(s, tf, spec, src, targets, corpus, report, probe, native_probe)
+    spec = s.mask_spec
+    cache = work / f"mask-{masks.key(source_sha, spec, targets, masks.corpus_key(corpus, s.seq_len))}.npz"
+    selected, report.torch_vs_native = masks.load(cache, targets)
+    if selected is None:
+        selected, report.torch_vs_native = masks.compute(
+            tf, targets, spec, corpus.train, hf_folder=src if src.is_dir() else None, native_probe=native_probe,
+            threads=s.threads, progress=s.progress, log=log)
+        masks.save(cache, selected, report.torch_vs_native)
         clock.lap("scores")
-        mask = select(scores, s.density, s.scope)
-        del scores
-        _save_mask(cache, mask, report.torch_vs_native)
-        clock.lap("select")
     else:
         log(f"reusing the mask in {cache} (from an interrupted run with the same settings)")
-    n_sel = sum(len(v) for v in mask.values())
+    n_sel = sum(len(v) for v in selected.values())
     n_all = sum(info.tensors[n].n_elements for n in targets)
     report.mask = {"method": s.mask.value, "scope": s.scope.value, "density": s.density,
                    "selected": n_sel, "target_elements": n_all, "actual_density": n_sel / n_all}
@@ -161,17 +163,20 @@ def run(s: Settings) -> Report:
     staged_model, staged_sidecar = work / MODEL_NAME, work / SIDECAR_NAME
     log(f"writing {MODEL_NAME} ({'source types kept' if plan.kept_source_types else 'quantizing'}, "
         f"split {s.split.value})")
-    dense_at = write_dense(tf, staged_model, plan, mask, s.split, s.progress)
-    base = {name: (idx, sidecar_base(tf.tensors[name], idx, dense_at[name], s.split)) for name, idx in mask.items()}
+    dense_at = write_dense(tf, staged_model, plan, selected, s.split, s.progress)
+    base = {name: (idx, sidecar_base(tf.tensors[name], idx, dense_at[name], s.split))
+            for name, idx in selected.items()}
     model_sha = file_sha256(staged_model)
-    sidecar = SparseAdapter.from_weights(info.architecture, base, _sidecar_metadata(s, source_sha, model_sha, corpus))
+    meta = masks.sidecar_metadata(spec, s.split, source_sha, corpus.source, corpus.train_tokens, corpus.sha256,
+                                  base_model_sha=model_sha)
+    sidecar = SparseAdapter.from_weights(info.architecture, base, meta)
     sidecar.save(staged_sidecar)
     for name in sorted(tf.tensors):
         t = tf.tensors[name]
         if name in targets or name in plan.requantized:
             report.per_matrix[name] = {"shape": list(t.shape), "type_in": t.type_name,
                                        "type_out": plan.types[name].name,
-                                       "selected": int(len(mask.get(name, ())))}
+                                       "selected": int(len(selected.get(name, ())))}
     tf.close()
     clock.lap("write")
 
@@ -197,7 +202,7 @@ def run(s: Settings) -> Report:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     report.cpu_seconds = round(usage.ru_utime + usage.ru_stime, 1)
     report.peak_rss_mib = round(usage.ru_maxrss / 1024, 1)
-    write_json(outdir / REPORT_NAME, asdict(report))
+    atomic.write_text(outdir / REPORT_NAME, json.dumps(asdict(report), indent=1) + "\n")
     return report
 
 
@@ -225,55 +230,10 @@ def resolve_targets(info: ModelInfo, patterns: tuple[str, ...]) -> list[str]:
     return [n for n in info.tensors if n in out]
 
 
-def compute_scores(s: Settings, tf: TensorFile, spec, src: Path, targets: list[str], corpus, report: Report,
-                   probe, native_probe: float | None) -> dict[str, np.ndarray]:
-    if s.mask is MaskMethod.RANDOM:
-        return random_scores({n: tf.tensors[n].shape for n in targets}, s.seed)
-    if s.mask is MaskMethod.MAGNITUDE:
-        return magnitude_scores(tf.tensors, targets)
-    import torch
-
-    from .fisher import sequence_loss
-    from .torch_model import model_from_gguf, model_from_hf
-
-    torch.set_num_threads(s.threads or os.cpu_count() or 1)
-    log("loading the model into torch (float32)")
-    model, names, layout = model_from_hf(src, spec) if src.is_dir() else model_from_gguf(tf, spec)
-    with torch.no_grad():
-        torch_probe = float(sequence_loss(model, probe[0]))
-    report.torch_vs_native = {"torch_loss": torch_probe, "native_loss": native_probe, "tokens": len(probe[0].tokens)}
-    check_parity(torch_probe, native_probe)
-    log(f"Fisher over {corpus.train_tokens} calibration tokens ({len(corpus.train)} sequences)")
-    scores = fisher_scores(model, names, layout, targets, corpus.train, progress=s.progress)
-    del model
-    return scores
-
-
-def check_parity(torch_loss: float, native_loss: float) -> None:
-    """Gradients from torch only mean something if torch computes what llama.cpp computes."""
-    if not abs(torch_loss - native_loss) <= 0.05 * abs(native_loss) + 0.02:
-        raise InvalidInputError(
-            f"torch and llama.cpp disagree on the source model: loss {torch_loss:.4f} vs {native_loss:.4f} on the "
-            "same tokens. The transformers model does not match this GGUF (unsupported variant of the "
-            "architecture?), so its gradients would not name the GGUF's coordinates.")
-
-
 def _loss(rt: Runtime, examples) -> dict:
     r = rt.loss(examples)
     return {"loss": round(r.mean, 5), "perplexity": round(math.exp(min(r.mean, 700.0)), 4),
             "tokens": int(r.count.sum())}
-
-
-def _sidecar_metadata(s: Settings, source_sha: str, model_sha: str, corpus) -> dict:
-    meta = {Sparse.ROLE: "sidecar", Sparse.MASK_METHOD: s.mask.value, Sparse.MASK_DENSITY: float(s.density),
-            Sparse.MASK_SCOPE: s.scope.value, Sparse.SPLIT: s.split.value, Sparse.SOURCE_SHA256: source_sha,
-            Sparse.BASE_MODEL_SHA256: model_sha}
-    if s.mask is MaskMethod.FISHER:
-        meta |= {Sparse.CALIB_SOURCE: corpus.source, Sparse.CALIB_SHA256: corpus.sha256,
-                 Sparse.CALIB_TOKENS: corpus.train_tokens}
-    else:
-        meta |= {Sparse.CALIB_SOURCE: f"none ({s.mask.value} mask, seed {s.seed})", Sparse.CALIB_TOKENS: 0}
-    return meta
 
 
 def _settings_dict(s: Settings) -> dict:
@@ -288,47 +248,11 @@ def _settings_dict(s: Settings) -> dict:
     return d
 
 
-def _mask_key(s: Settings, source_sha: str, corpus, targets: list[str]) -> str:
-    parts = {"source": source_sha, "method": s.mask.value, "density": s.density, "scope": s.scope.value,
-             "targets": targets, "seed": s.seed}
-    if s.mask is MaskMethod.FISHER:
-        parts |= {"calib": corpus.sha256, "tokens": corpus.train_tokens, "seq_len": s.seq_len}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-_META = "__meta__"
-
-
-def _save_mask(path: Path, mask: dict[str, np.ndarray], meta: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **mask, **{_META: np.frombuffer(json.dumps(meta).encode(), np.uint8)})
-    os.replace(tmp, path)
-
-
-def _load_mask(path: Path, targets: list[str]) -> tuple[dict[str, np.ndarray] | None, dict]:
-    if not path.is_file():
-        return None, {}
-    try:
-        with np.load(path) as z:
-            mask = {name: z[name].astype(np.int64) for name in z.files if name != _META}
-            meta = json.loads(z[_META].tobytes()) if _META in z.files else {}
-    except (OSError, ValueError):
-        return None, {}
-    return (mask, meta) if set(mask) == set(targets) else (None, {})
-
-
 def _remove_empty_work(work: Path) -> None:
     try:
         work.rmdir()
     except OSError:
         pass   # still holds an HF source's GGUF or another run's cache
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 class _Clock:

@@ -25,13 +25,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from converters.gguf_copy import copy_fields
 from edge_zo.atomic import atomic_path
 from edge_zo.constants import OUTPUT, TOKEN_EMBD, General
 from edge_zo.errors import InvalidInputError
+from edge_zo.gguf_io import TensorFile, copy_fields
 
 from . import codes
-from .gguf_tensors import TensorFile
 
 Q = gguf.GGMLQuantizationType
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)

@@ -14,9 +14,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from edge_zo.gguf_header import read_header
-
-from .gguf_copy import copy_fields
+from edge_zo.gguf_io import copy_fields, read_header
 
 
 @dataclass(frozen=True)

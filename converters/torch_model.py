@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_zo.constants import OUTPUT
+from edge_zo.constants import OUTPUT, General
 from edge_zo.errors import InvalidInputError
+from edge_zo.gguf_io import TensorFile
 
-from .gguf_tensors import TensorFile
-from .hf_names import ArchSpec, Layout, gguf_names
+from .hf_names import ArchSpec, Layout, arch_spec, gguf_names
 
 
 def config_from_gguf(tf: TensorFile, spec: ArchSpec):
@@ -75,6 +75,18 @@ def model_from_gguf(tf: TensorFile, spec: ArchSpec):
         model.tie_weights()
     model.eval()
     return model, names, layout
+
+
+def load_gguf(path: str | Path):
+    """`model_from_gguf` of the GGUF file at `path`, its architecture read from the file."""
+    with TensorFile(path) as tf:
+        return model_from_gguf(tf, arch_spec(tf.header.get(General.ARCHITECTURE), str(path)))
+
+
+def load_gguf(path: str | Path):
+    """`model_from_gguf` of the GGUF file at `path`, its architecture read from the file."""
+    with TensorFile(path) as tf:
+        return model_from_gguf(tf, arch_spec(tf.header.get(General.ARCHITECTURE), str(path)))
 
 
 def model_from_hf(folder: Path, spec: ArchSpec):

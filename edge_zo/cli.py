@@ -1,20 +1,32 @@
 """`edge-zo COMMAND ...`: a small dispatcher that imports a command only when it
-runs, so `--help` is instant and torch loads only for the commands that need it."""
+runs, so `--help` is instant and torch loads only for the commands that need it.
+
+It is also the one door between the project's two sides. The device side
+(edge_zo/: the native gateway, runtime, adapters, data, SPSA, trainer, export)
+never imports the workstation side (converters/: Hugging Face folders, torch,
+Fisher, dense writing), which builds on it. `convert` lives on the workstation
+side, and so does the Fisher mask of `tune --mask-from-data`: both are imported
+here by name, only when they are called."""
 from __future__ import annotations
 
 import importlib
 import sys
 
-COMMANDS = {
-    "convert": "find the sensitive weights; write a dense 4-bit GGUF and a sparse sidecar",
-    "tune": "personalize a model: sparse zeroth-order fine-tuning on a JSONL file",
-    "eval": "mean loss (and accuracy) of a model, with adapters, on a JSONL file",
-    "generate": "generate text with a model and its adapters",
-    "export": "sum adapters into one file and merge them into a GGUF for stock llama.cpp",
+COMMANDS = {  # name: (module with main(argv), what it does)
+    "convert": ("converters.cli_convert", "find the sensitive weights; write a dense 4-bit GGUF and a sparse sidecar"),
+    "tune": ("edge_zo.commands.tune", "personalize a model: sparse zeroth-order fine-tuning on a JSONL file"),
+    "eval": ("edge_zo.commands.eval", "mean loss (and accuracy) of a model, with adapters, on a JSONL file"),
+    "generate": ("edge_zo.commands.generate", "generate text with a model and its adapters"),
+    "export": ("edge_zo.commands.export", "sum adapters into one file and merge them into a GGUF for stock llama.cpp"),
 }
 
 USAGE = "usage: edge-zo COMMAND [options]   (edge-zo COMMAND --help for each)\n\ncommands:\n" + "\n".join(
-    f"  {name:<10} {doc}" for name, doc in COMMANDS.items())
+    f"  {name:<10} {doc}" for name, (_, doc) in COMMANDS.items())
+
+
+def fisher_sidecar(model, examples, density: float = 1e-3):
+    """`tune --mask-from-data`: a Fisher mask on the training rows, as a sidecar (converters.mask)."""
+    return importlib.import_module("converters.mask").fisher_sidecar(model, examples, density=density)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"edge-zo: unknown command '{name}'\n\n{USAGE}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"edge_zo.commands.{name}")
+    module = importlib.import_module(COMMANDS[name][0])
     from .errors import EdgeZoError
 
     try:

@@ -44,9 +44,9 @@ def prepare(sidecar: str | None = None) -> tuple[str, str, str, str | None]:
     if sidecar is None and not (converted / "sidecar.gguf").is_file():
         print(f"edge-zo tune: demo: finding SmolLM2's sensitive weights (edge-zo convert, once) into {converted}",
               file=sys.stderr)
-        from .commands import convert
+        from .cli import main as edge_zo   # convert is on the workstation side: through the dispatcher
 
-        rc = convert.main([str(smollm2_gguf()), "-o", str(converted), "--calib-tokens", str(CALIB_TOKENS)])
+        rc = edge_zo(["convert", str(smollm2_gguf()), "-o", str(converted), "--calib-tokens", str(CALIB_TOKENS)])
         if rc:
             raise EdgeZoError("the demo's edge-zo convert step failed (see above)")
     return str(converted / "model.gguf"), str(task / "train.jsonl"), str(task / "valid.jsonl"), sidecar

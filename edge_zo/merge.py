@@ -10,7 +10,7 @@ Pure functions, no command line (that is `edge_zo.commands.export`):
   Only the quantization blocks that hold a nonzero delta are touched: each is
   dequantized, the deltas are added, and it is quantized back to the source type
   with gguf-py (bit-exact with llama.cpp for Q4_0..Q8_0). Every other block and
-  tensor keeps its bytes (read in place through `converters.gguf_tensors` and
+  tensor keeps its bytes (read in place through `edge_zo.gguf_io` and
   streamed out one tensor at a time), and all metadata is copied. K-quants (and
   any type gguf-py can only dequantize) cannot be re-quantized here: such a
   weight is written whole as Q8_0 and listed in the report.
@@ -33,6 +33,7 @@ from .adapter import SparseAdapter
 from .atomic import atomic_path
 from .constants import Sparse
 from .errors import IncompatibleAdapterError, InvalidInputError
+from .gguf_io import TensorFile, copy_fields
 from .model_info import ModelInfo
 
 PERSONALIZED = "personalized"   # value of adapter.sparse.role on a summed adapter
@@ -296,9 +297,6 @@ def merge_into_gguf(model_path: str | Path, adapter: SparseAdapter, out_path: st
     `edited_type`: see `plan_merge`."""
     import gguf
     from tqdm import tqdm
-
-    from converters.gguf_copy import copy_fields
-    from converters.gguf_tensors import TensorFile
 
     t0 = time.perf_counter()
     model = ModelInfo.open(model_path)

@@ -1,7 +1,7 @@
 """What a GGUF model file says about itself: architecture, tensors, shapes.
 
-Read with gguf-py's memory-mapped reader, so opening even a large model costs
-little; nothing here loads weights into llama.cpp.
+Read with `gguf_io.read_header`, which maps the file and parses only its header, so
+opening even a large model costs little; nothing here loads weights into llama.cpp.
 """
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .constants import BLOCK_MATMUL_SUFFIXES, OUTPUT, TOKEN_EMBD, General
+from .constants import BLOCK_MATMUL_SUFFIXES, General
 from .errors import ModelFileError
-from .gguf_header import GGUFHeader, read_header
+from .gguf_io import GGUFHeader, read_header
 
 
 @dataclass(frozen=True)
@@ -60,11 +60,6 @@ class ModelInfo:
             tensors[t.name] = TensorInfo(t.name, tuple(reversed(t.shape)), type_name)
         ftype = header.get(General.FILE_TYPE)
         return cls(path, arch, int(ftype) if ftype is not None else None, tensors, header)
-
-    @property
-    def tied_embeddings(self) -> bool:
-        """The output projection reuses token_embd.weight (no output.weight tensor)."""
-        return OUTPUT not in self.tensors and TOKEN_EMBD in self.tensors
 
     def block_matmul_weights(self) -> list[str]:
         """Weights multiplied inside the transformer blocks: the default tuning targets."""

@@ -12,17 +12,16 @@ import numpy as np
 import pytest
 
 from converters import codes
+from converters.cli_convert import main as convert_main
 from converters.convert import MODEL_NAME, REPORT_NAME, SIDECAR_NAME, Settings, run
 from converters.dense import Split
 from converters.fisher import MaskMethod, Scope, select
-from converters.gguf_tensors import TensorFile
 from converters.hf_names import Layout, arch_spec, permute_rows, unpermute_rows
 from edge_zo.adapter import SparseAdapter
-from edge_zo.commands.convert import main as convert_main
 from edge_zo.constants import Sparse
 from edge_zo.dataset import Example
 from edge_zo.errors import InvalidInputError, ModelFileError
-from edge_zo.gguf_header import read_header
+from edge_zo.gguf_io import TensorFile, read_header
 from edge_zo.model_info import ModelInfo
 from edge_zo.runtime import Runtime, RuntimeOptions
 
@@ -352,7 +351,7 @@ def smollm2_f32(smollm2, tmp_path_factory) -> Path:
     """SmolLM2 dequantized to F32, embeddings included. On the Q4_1 file itself llama.cpp rounds every
     matmul's activations to 8 bits (and the tied output's to Q8_0), which moves the loss of a perturbed
     model by ~0.1 nats per 100 tokens at random: more than a handful of coordinates move it."""
-    from converters.gguf_copy import write_f32_copy
+    from edge_zo.gguf_io import write_f32_copy
 
     path = tmp_path_factory.mktemp("smollm2_f32") / "smollm2-f32.gguf"
     write_f32_copy(smollm2, path)

@@ -11,11 +11,11 @@ import gguf
 import numpy as np
 import pytest
 
-from converters.gguf_tensors import Tensor, TensorFile
 from edge_zo.adapter import SparseAdapter
 from edge_zo.commands.export import main as export
 from edge_zo.constants import Sparse
 from edge_zo.errors import IncompatibleAdapterError, InvalidInputError, ModelFileError
+from edge_zo.gguf_io import Tensor, TensorFile
 from edge_zo.merge import merge_into_gguf, merge_tensor, plan_merge, sum_adapters
 from edge_zo.model_info import ModelInfo, TensorInfo
 from edge_zo.runtime import Runtime, RuntimeOptions

@@ -1,10 +1,23 @@
-"""Options several commands share: the runtime's size and the adapters to attach."""
+"""Options several commands share: the runtime's size and the adapters to attach.
+
+A model that `edge-zo convert` made has its sidecar beside it (DIR/sidecar.gguf beside
+DIR/model.gguf): under the default `--split zero` the model alone lacks its most sensitive
+weights. So tune, eval, generate and export find that sidecar the same way (`find_sidecar`),
+attach it unless told otherwise, and say which adapters they attached.
+"""
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from ..adapter import SparseAdapter
+from ..constants import Sparse
+from ..gguf_io import read_header
+from ..merge import PERSONALIZED
 from ..runtime import Runtime, RuntimeOptions
+
+SIDECAR_ROLES = ("sidecar", PERSONALIZED)   # adapter.sparse.role of the adapters that hold a sidecar's values
 
 
 def add_runtime_options(p: argparse.ArgumentParser, batch_size: bool = True) -> None:
@@ -21,6 +34,7 @@ def add_runtime_options(p: argparse.ArgumentParser, batch_size: bool = True) -> 
 def add_adapter_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="FILE",
                    help="sparse adapter GGUF (a sidecar or tuned deltas); repeat to stack them, their values add")
+    add_sidecar_option(p)
 
 
 def runtime_options(args, **overrides) -> RuntimeOptions:
@@ -34,6 +48,45 @@ def runtime_options(args, **overrides) -> RuntimeOptions:
         kv_f32=args.kv_f32,
         verbose=args.verbose,
     )
+
+
+def add_sidecar_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-sidecar", action="store_true",
+                   help="leave out the sidecar found beside the model (DIR/sidecar.gguf or MODEL.sidecar.gguf), "
+                        "which is otherwise attached first unless an --adapter already holds a sidecar's values")
+
+
+def find_sidecar(model: Path, explicit: str | None) -> Path | None:
+    """`explicit`, else the sidecar `edge-zo convert` wrote beside `model`, else None."""
+    if explicit:
+        return Path(explicit)
+    for cand in (model.parent / "sidecar.gguf", model.with_suffix(".sidecar.gguf")):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def adapter_paths(args) -> list[str]:
+    """The files of --adapter, after the model's own sidecar where one lies beside it, unless
+    --no-sidecar or an --adapter already holds a sidecar's values (a sidecar, or an exported sum)."""
+    paths = [str(p) for p in args.adapter]
+    if args.no_sidecar or any(_role(p) in SIDECAR_ROLES for p in paths):
+        return paths
+    sidecar = find_sidecar(Path(args.model), None)
+    return paths if sidecar is None else [str(sidecar), *paths]
+
+
+def say_adapters(command: str, paths: list[str], args) -> None:
+    """One line on standard error naming the adapters attached; the sidecar found beside the model is marked."""
+    names = [p if p in args.adapter else f"{p} (found beside the model; --no-sidecar leaves it out)" for p in paths]
+    print(f"edge-zo {command}: adapters: {', '.join(names) or 'none'}", file=sys.stderr)
+
+
+def _role(path: str) -> str | None:
+    try:
+        return read_header(path).get(Sparse.ROLE)
+    except (OSError, ValueError):
+        return None   # SparseAdapter.load says what is wrong with the file
 
 
 def attach_adapters(rt: Runtime, paths: list[str]) -> None:

@@ -1,8 +1,11 @@
 """edge-zo eval: mean loss per target token of a model (plus adapters) on a JSONL file.
 
+The sidecar beside the model (DIR/sidecar.gguf beside DIR/model.gguf) is attached first,
+as tune attaches it; --no-sidecar leaves it out.
+
 Examples:
-  edge-zo eval model.gguf valid.jsonl
-  edge-zo eval model.gguf valid.jsonl --adapter sidecar.gguf --adapter run/deltas.gguf --json
+  edge-zo eval DIR/model.gguf valid.jsonl
+  edge-zo eval DIR/model.gguf valid.jsonl --adapter run/deltas.gguf --json
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import time
 
 from ..dataset import Tokenizer, load_jsonl
 from ..runtime import Runtime
-from ._common import add_adapter_option, add_runtime_options, attach_adapters, runtime_options
+from ._common import (adapter_paths, add_adapter_option, add_runtime_options, attach_adapters, runtime_options,
+                      say_adapters)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +37,9 @@ def main(argv: list[str]) -> int:
     data = load_jsonl(args.data)
     t0 = time.perf_counter()
     with Runtime(args.model, runtime_options(args)) as rt:
-        attach_adapters(rt, args.adapter)
+        adapters = adapter_paths(args)
+        attach_adapters(rt, adapters)
+        say_adapters("eval", adapters, args)
         examples = Tokenizer(rt.native, max_tokens=rt.options.max_tokens, chat=args.chat).examples(data)
         result = rt.loss(examples)
         report = {

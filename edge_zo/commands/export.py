@@ -1,7 +1,7 @@
 """edge-zo export: the personalized adapter as one file, and a merged GGUF for stock llama.cpp.
 
 Writes into OUTDIR:
-  adapter.gguf       the sum of every --adapter (e.g. sidecar + tuned deltas), one sparse adapter
+  adapter.gguf       the sum of the model's sidecar and every --adapter (e.g. tuned deltas), one sparse adapter
   model-merged.gguf  MODEL with that adapter folded into its weights, same types and metadata;
                      runs in any llama.cpp with no adapter (skipped with --no-merge)
   export.json        what was merged, sizes, time and, with --data, the loss the merge costs
@@ -12,11 +12,16 @@ A delta smaller than half a 4-bit step vanishes in a 4-bit block (the report's "
 says how much did): --edited-type Q8_0 keeps such deltas, at 8.5 bits per weight for every
 edited weight and a slower export (each edited weight is re-quantized whole).
 
+The sidecar beside the model (DIR/sidecar.gguf beside DIR/model.gguf, as `edge-zo convert`
+writes them) is summed in first, as tune attaches it; --no-sidecar leaves it out, and it is
+left out anyway when an --adapter is a sidecar or an adapter.gguf exported before.
+
 Examples:
-  edge-zo export model.gguf --adapter sidecar.gguf --adapter run/deltas.gguf -o export/
-  edge-zo export model.gguf --adapter run/deltas.gguf -o export/ --data valid.jsonl --kv-f32
-  edge-zo export model.gguf --adapter run/deltas.gguf -o export/ --data valid.jsonl --edited-type Q8_0
-  edge-zo export model.gguf --adapter run/deltas.gguf -o export/ --no-merge
+  edge-zo export DIR/model.gguf --adapter run/deltas.gguf -o export/
+  edge-zo export DIR/model.gguf --adapter run/deltas.gguf -o export/ --data valid.jsonl --kv-f32
+  edge-zo export DIR/model.gguf --adapter run/deltas.gguf -o export/ --data valid.jsonl --edited-type Q8_0
+  edge-zo export DIR/model.gguf --adapter run/deltas.gguf -o export/ --no-merge
+  edge-zo export model.gguf --adapter sidecar.gguf --adapter run/deltas.gguf -o export/   # a sidecar elsewhere
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from ..errors import InvalidInputError
 from ..merge import REQUANTIZABLE, f16_rounding, merge_into_gguf, output_nbytes, plan_merge, sum_adapters
 from ..model_info import ModelInfo
 from ..runtime import Runtime
-from ._common import add_runtime_options, runtime_options
+from ._common import add_runtime_options, add_sidecar_option, adapter_paths, runtime_options, say_adapters
 
 ADAPTER_FILE = "adapter.gguf"
 MERGED_FILE = "model-merged.gguf"
@@ -50,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="GGUF model file the adapters were made for")
     p.add_argument("--adapter", action="append", default=[], metavar="FILE", required=True,
                    help="sparse adapter GGUF (a sidecar or tuned deltas); repeat to stack them, their values add")
+    add_sidecar_option(p)
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR",
                    help="folder for the outputs (created if missing)")
     p.add_argument("--data", default=None, metavar="FILE.jsonl",
@@ -68,15 +74,17 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     model = ModelInfo.open(args.model)
-    adapters = [SparseAdapter.load(path) for path in args.adapter]
-    for path, a in zip(args.adapter, adapters):
+    paths = adapter_paths(args)
+    adapters = [SparseAdapter.load(path) for path in paths]
+    for path, a in zip(paths, adapters):
         a.check_against(model, str(path))
-    personalized = sum_adapters(adapters, args.adapter)
+    say_adapters("export", paths, args)
+    personalized = sum_adapters(adapters, paths)
     plan = None if args.no_merge else plan_merge(model, personalized, args.edited_type)
     data = load_jsonl(args.data) if args.data else None   # bad data fails before the long merge
     out = _output_dir(args.output, model, need_bytes=0 if plan is None else output_nbytes(model, plan))
 
-    report: dict = {"model": str(model.path), "adapters": [str(p) for p in args.adapter]}
+    report: dict = {"model": str(model.path), "adapters": paths}
     personalized.save(out / ADAPTER_FILE)
     report["adapter"] = {"path": str(out / ADAPTER_FILE), "weights": len(personalized.names),
                          "entries": personalized.n_params, "bytes": (out / ADAPTER_FILE).stat().st_size,
@@ -87,7 +95,7 @@ def main(argv: list[str]) -> int:
         merge = merge_into_gguf(model.path, personalized, merged_path, edited_type=args.edited_type,
                                 progress=not args.json)
         report["merge"] = merge.to_dict()
-    report["loss"] = _losses(args, adapters, out / ADAPTER_FILE, merged_path, data)
+    report["loss"] = _losses(args, list(zip(paths, adapters)), out / ADAPTER_FILE, merged_path, data)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     _write_json(out / REPORT_FILE, report)
     print(json.dumps(report) if args.json else _summary(report, out / REPORT_FILE))
@@ -117,7 +125,7 @@ def _output_dir(path: str, model: ModelInfo, need_bytes: int) -> Path:
     return out
 
 
-def _losses(args, adapters: list[SparseAdapter], adapter_file: Path, merged: Path | None, data) -> dict:
+def _losses(args, adapters: list[tuple[str, SparseAdapter]], adapter_file: Path, merged: Path | None, data) -> dict:
     """Mean loss of the base model, base + the given adapters, base + the written adapter
     file (F16 values), and the merged model alone."""
     if data is None:
@@ -128,7 +136,7 @@ def _losses(args, adapters: list[SparseAdapter], adapter_file: Path, merged: Pat
         examples = Tokenizer(rt.native, max_tokens=opts.max_tokens, chat=args.chat).examples(data)
         result["tokens"] = int(sum(e.n_targets for e in examples))
         result["base"] = rt.loss(examples).mean
-        attached = [rt.attach(a, source=str(p)) for a, p in zip(adapters, args.adapter)]
+        attached = [rt.attach(a, source=p) for p, a in adapters]
         result["adapters"] = rt.loss(examples).mean
         for att in attached:
             rt.detach(att)

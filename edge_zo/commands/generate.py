@@ -1,8 +1,11 @@
 """edge-zo generate: generate text with a model and its sparse adapters.
 
+The sidecar beside the model (DIR/sidecar.gguf beside DIR/model.gguf) is attached first,
+as tune attaches it; --no-sidecar leaves it out.
+
 Examples:
-  edge-zo generate model.gguf --prompt "My dog's name is"
-  edge-zo generate model.gguf --chat --prompt "What is my dog's name?" --adapter run/deltas.gguf
+  edge-zo generate DIR/model.gguf --prompt "My dog's name is"
+  edge-zo generate DIR/model.gguf --chat --prompt "What is my dog's name?" --adapter run/deltas.gguf
 """
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ import argparse
 import sys
 
 from ..runtime import Runtime
-from ._common import add_adapter_option, add_runtime_options, attach_adapters, runtime_options
+from ._common import (adapter_paths, add_adapter_option, add_runtime_options, attach_adapters, runtime_options,
+                      say_adapters)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     with Runtime(args.model, runtime_options(args, batch_size=1, max_tokens=args.max_tokens or 2048)) as rt:
-        attach_adapters(rt, args.adapter)
+        adapters = adapter_paths(args)
+        attach_adapters(rt, adapters)
+        say_adapters("generate", adapters, args)
         for piece in rt.generate(args.prompt, max_tokens=args.max_new_tokens, temperature=args.temp,
                                  top_p=args.top_p, seed=args.seed, chat=args.chat):
             sys.stdout.write(piece)

@@ -40,7 +40,7 @@ from ..model_info import file_sha256
 from ..runtime import Runtime
 from ..spsa import Optimizer, Schedule
 from ..trainer import Interrupted, LoopConfig, LoopState, gather_local, train
-from ._common import add_runtime_options
+from ._common import add_runtime_options, find_sidecar
 
 LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
 # `--lr auto` keeps the rate one grid step below the probe's best: a 20-step probe rewards rates that
@@ -156,15 +156,6 @@ def _resolve(args, workers: int = 1) -> TuneSettings:
                         data_shards=workers if pick("shard_data", False) else 1)
 
 
-def find_sidecar(model: Path, explicit: str | None) -> Path | None:
-    if explicit:
-        return Path(explicit)
-    for cand in (model.parent / "sidecar.gguf", model.with_suffix(".sidecar.gguf")):
-        if cand.is_file():
-            return cand
-    return None
-
-
 def _settings_json(s: TuneSettings) -> dict:
     loop = {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(s.loop).items()}
     shards = {"data_shards": s.data_shards} if s.data_shards > 1 else {}  # absent: runs of any size agree
@@ -241,7 +232,7 @@ def _run(args, settings: TuneSettings, world: World, team: Team | None) -> int:
             sidecar = SparseAdapter.load(sidecar_path)
             mask_note = f"sidecar {sidecar_path}"
         else:
-            from ..mask_from_data import fisher_sidecar
+            from ..cli import fisher_sidecar
 
             sidecar = fisher_sidecar(model, examples, density=args.density or 1e-3)
             sidecar_path = out / "mask.gguf"

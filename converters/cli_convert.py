@@ -26,7 +26,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import InvalidInputError
+from edge_zo.errors import InvalidInputError
+
+from .dense import QUANT_CHOICES, Split
+from .fisher import MaskMethod, Scope
 
 EPILOG = """\
 how the dense model's types are chosen (--quant):
@@ -41,8 +44,6 @@ corpus and has measured times, memory and quality.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from converters.dense import QUANT_CHOICES
-
     p = argparse.ArgumentParser(prog="edge-zo convert", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a GGUF model (F32, F16, BF16, Q8_0, Q4_0, Q4_1, K-quants) or a Hugging Face "
@@ -87,10 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args):
-    from converters.convert import Settings
-    from converters.dense import Split
-    from converters.fisher import MaskMethod, Scope
-
+    from .convert import Settings  # the pipeline loads llama.cpp: not for --help
     d = Settings(Path(args.source), Path(args.outdir))
     pick = lambda v, default: default if v is None else v  # noqa: E731
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else d.targets
@@ -116,7 +114,7 @@ def settings_from_args(args):
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from converters.convert import REPORT_NAME, run
+    from .convert import REPORT_NAME, run
 
     report = run(settings_from_args(args))
     if args.json:
@@ -132,7 +130,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m edge_zo.commands.convert ...
+if __name__ == "__main__":  # python -m converters.cli_convert ...
     import sys
 
     sys.exit(main(sys.argv[1:]))
