@@ -224,6 +224,23 @@ class NativeModel:
                            ffi.from_buffer("double[]", nll), ffi.from_buffer("int32_t[]", count)))
         return nll, count
 
+    def next_logprobs(self, tokens, seq_start, candidates: list[np.ndarray]) -> list[np.ndarray]:
+        """log p(c | sequence s) of each candidate token c after the whole of sequence s
+        (see ez_next_logprobs): one forward scores every single-token choice of a prompt."""
+        tok = _array(tokens, np.int32, "tokens")
+        start = _array(seq_start, np.int32, "seq_start")
+        n_seq = len(start) - 1
+        if n_seq < 1 or start[-1] != len(tok) or len(candidates) != n_seq:
+            raise InvalidInputError("tokens, seq_start and candidates do not describe the same batch")
+        cand = _array(np.concatenate(candidates) if candidates else [], np.int32, "candidates")
+        cand_start = np.cumsum([0] + [len(c) for c in candidates]).astype(np.int32)
+        logp = np.zeros(len(cand), dtype=np.float64)
+        _check(lib.ez_next_logprobs(self._live(), ffi.from_buffer("int32_t[]", tok),
+                                    ffi.from_buffer("int32_t[]", start), n_seq,
+                                    ffi.from_buffer("int32_t[]", cand), ffi.from_buffer("int32_t[]", cand_start),
+                                    ffi.from_buffer("double[]", logp)))
+        return np.split(logp, cand_start[1:-1])
+
     def generate(self, prompt, *, max_tokens: int, temperature: float, top_p: float, seed: int):
         """Yield generated token ids until end of generation or max_tokens."""
         tok = _array(prompt, np.int32, "prompt")

@@ -10,6 +10,8 @@ Tasks: each builder returns {"train": rows, "valid": rows, "test": rows}, determ
 No source document (e-mail, chapter, address, play) feeds two splits, and no text appears twice.
 - spam:        {"prompt", "completion", "choices": [" ham", " spam"]}; is this e-mail spam?
 - author:      {"prompt", "completion", "choices": [" Melville", " Shakespeare", " President"]}; who wrote it?
+- era:         {"prompt", "completion", "choices": [" before", " after"]}; a State of the Union address
+               given before or after 1900?
 - shakespeare: {"text"} passages of Shakespeare; held-out loss on plays never trained on.
 
     python -m edge_zo.corpora spam -o data/spam
@@ -57,6 +59,8 @@ SPAM_CHOICES = [" ham", " spam"]
 SPAM_QUESTION = "\nIs this e-mail spam or ham? Answer:"
 AUTHOR_CHOICES = [" Melville", " Shakespeare", " President"]
 AUTHOR_QUESTION = "\nWho wrote this passage: Melville, Shakespeare or a U.S. President? Answer:"
+ERA_CHOICES = [" before", " after"]
+ERA_QUESTION = "\nWas this State of the Union address given before or after 1900? Answer:"
 
 
 # ---- fetching ----
@@ -152,7 +156,13 @@ def _moby_dick(root: Path) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=None)
 def _sotu(root: Path) -> tuple[str, ...]:
     """The 233 State of the Union addresses, oldest first (files are named like 1850_millard_fillmore_w.txt)."""
-    return tuple(p.read_text("utf-8").strip() for p in sorted((_source_dir(root, "sotu") / "data").glob("*.txt")))
+    return tuple(text for _, text in _sotu_by_year(root))
+
+
+@functools.lru_cache(maxsize=None)
+def _sotu_by_year(root: Path) -> tuple[tuple[int, str], ...]:
+    return tuple((int(p.name.split("_", 1)[0]), p.read_text("utf-8").strip())
+                 for p in sorted((_source_dir(root, "sotu") / "data").glob("*.txt")))
 
 
 @functools.lru_cache(maxsize=None)
@@ -340,6 +350,16 @@ def author_task(seed: int = 0, n_train: int = 600, n_valid: int = 150, n_test: i
     return _classification(by_label, AUTHOR_CHOICES, AUTHOR_QUESTION, sizes, random.Random(seed), "author")
 
 
+def era_task(seed: int = 0, n_train: int = 600, n_valid: int = 150, n_test: int = 300,
+             cache_dir: str | os.PathLike | None = None) -> dict[str, list[dict]]:
+    """~300-character passages of State of the Union addresses labelled " before" or " after" 1900
+    (the year the address was given); balanced, split by address."""
+    sizes, root = _sizes(n_train, n_valid, n_test, 2), ensure_sources(cache_dir)
+    by_label = {label: [[_clip(p, 400) for p in _passages(text, 300)] for year, text in _sotu_by_year(root)
+                        if (year < 1900) == (label == " before")] for label in ERA_CHOICES}
+    return _classification(by_label, ERA_CHOICES, ERA_QUESTION, sizes, random.Random(seed), "era")
+
+
 def shakespeare_task(seed: int = 0, n_train: int = 1000, n_valid: int = 100, n_test: int = 200,
                      cache_dir: str | os.PathLike | None = None) -> dict[str, list[dict]]:
     """{"text"} passages of ~500 characters of Shakespeare; valid and test come from plays and poems
@@ -350,7 +370,7 @@ def shakespeare_task(seed: int = 0, n_train: int = 1000, n_valid: int = 100, n_t
     return {split: [{"text": t} for t in splits[split]] for split in ("train", "valid", "test")}
 
 
-TASKS = {"spam": spam_task, "author": author_task, "shakespeare": shakespeare_task}
+TASKS = {"spam": spam_task, "author": author_task, "era": era_task, "shakespeare": shakespeare_task}
 
 
 def calibration_text(n_chars: int = 200_000, cache_dir: str | os.PathLike | None = None) -> tuple[str, str]:

@@ -114,19 +114,35 @@ class Runtime:
         nll, count = self.native.loss(tokens, targets, start)
         return LossResult(nll, count)
 
+    def choice_scores(self, examples: list[Example]) -> list[np.ndarray]:
+        """Per multiple-choice example, the mean log-likelihood per token of each choice.
+
+        Rows whose choices are all one token after the same prompt are scored from a
+        single forward of the prompt (the next-token log-probabilities of the choices);
+        other rows evaluate every choice as its own sequence."""
+        if not examples or any(not e.choices for e in examples):
+            raise InvalidInputError("every example needs 'choices' to be scored by them")
+        scores: list[np.ndarray | None] = [None] * len(examples)
+        single = [i for i, e in enumerate(examples) if _single_token_choices(e)]
+        if single:
+            prompts = [examples[i].choices[0].tokens[:-1] for i in single]
+            start = np.cumsum([0] + [len(t) for t in prompts]).astype(np.int32)
+            cands = [np.array([c.tokens[-1] for c in examples[i].choices], np.int32) for i in single]
+            for i, logp in zip(single, self.native.next_logprobs(np.concatenate(prompts), start, cands)):
+                scores[i] = logp
+        rest = [i for i in range(len(examples)) if scores[i] is None]
+        if rest:
+            r = self.loss([c for i in rest for c in examples[i].choices])
+            per_token = -r.nll / np.maximum(r.count, 1)
+            k = 0
+            for i in rest:
+                n = len(examples[i].choices)
+                scores[i], k = per_token[k: k + n], k + n
+        return scores
+
     def accuracy(self, examples: list[Example]) -> float:
         """Share of multiple-choice examples whose answer has the highest mean log-likelihood."""
-        flat = [c for e in examples for c in e.choices]
-        if not flat:
-            raise InvalidInputError("these examples have no 'choices'")
-        r = self.loss(flat)
-        per_token = r.nll / np.maximum(r.count, 1)
-        right, k = 0, 0
-        for e in examples:
-            scores = per_token[k: k + len(e.choices)]
-            right += int(np.argmin(scores) == e.answer)
-            k += len(e.choices)
-        return right / len(examples)
+        return float(np.mean(choice_correct(self.choice_scores(examples), examples)))
 
     # ---- text ----
 
@@ -147,3 +163,25 @@ class Runtime:
             yield text
         if pending:
             yield pending.decode("utf-8", "replace")
+
+
+def _single_token_choices(e: Example) -> bool:
+    """Every choice is the same prompt plus one scored token."""
+    first = e.choices[0]
+    return all(len(c.tokens) == len(first.tokens) and c.n_targets == 1 and c.targets[-1] == 1
+               and np.array_equal(c.tokens[:-1], first.tokens[:-1]) for c in e.choices)
+
+
+def choice_correct(scores: list[np.ndarray], examples: list[Example]) -> np.ndarray:
+    """Whether each example's answer scores highest (ties go to the first choice, as argmax does)."""
+    return np.array([int(np.argmax(s)) == e.answer for s, e in zip(scores, examples)])
+
+
+def choice_cross_entropy(scores: list[np.ndarray], examples: list[Example]) -> np.ndarray:
+    """−log softmax(scores)[answer] per example: the loss over the row's choices alone, which
+    spends a step's signal on telling the choices apart rather than on the rest of the vocabulary."""
+    out = np.empty(len(examples))
+    for i, (s, e) in enumerate(zip(scores, examples)):
+        top = float(np.max(s))
+        out[i] = top + np.log(np.sum(np.exp(s - top))) - float(s[e.answer])
+    return out

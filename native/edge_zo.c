@@ -706,9 +706,9 @@ static double token_nll(const float *logits, int32_t n_vocab, int32_t target) {
     return log(sum) + (double)mx - (double)logits[target];
 }
 
-int ez_loss(ez_model *m, const int32_t *tokens, const uint8_t *target, const int32_t *seq_start,
-            int32_t n_seq, double *nll, int32_t *count) {
-    const int32_t n_vocab = ez_n_vocab(m), n_ctx_seq = ez_n_ctx_seq(m), n_seq_max = ez_n_seq_max(m);
+/* Checks shared by every function that scores whole sequences. */
+static int check_sequences(ez_model *m, const int32_t *tokens, const int32_t *seq_start, int32_t n_seq) {
+    const int32_t n_vocab = ez_n_vocab(m), n_ctx_seq = ez_n_ctx_seq(m);
     if (n_seq < 1 || seq_start[0] != 0) return fail(EZ_ERR_INVALID, "no sequences given");
     for (int32_t s = 0; s < n_seq; s++) {
         const int32_t len = seq_start[s + 1] - seq_start[s];
@@ -716,37 +716,44 @@ int ez_loss(ez_model *m, const int32_t *tokens, const uint8_t *target, const int
         if (len > n_ctx_seq || len > m->n_batch)
             return fail(EZ_ERR_INVALID, "sequence %d has %d tokens; this context holds %d per sequence", s, len,
                         n_ctx_seq < m->n_batch ? n_ctx_seq : m->n_batch);
-        if (target[seq_start[s]]) return fail(EZ_ERR_INVALID, "sequence %d: its first token cannot be a target", s);
         for (int32_t i = seq_start[s]; i < seq_start[s + 1]; i++)
             if (tokens[i] < 0 || tokens[i] >= n_vocab)
                 return fail(EZ_ERR_INVALID, "sequence %d: token %d out of range", s, tokens[i]);
-        nll[s] = 0.0;
-        count[s] = 0;
     }
+    return EZ_OK;
+}
+
+/* Receives the logit rows of one decode: row i belongs to sequence seq[i] and was
+ * computed at flat token index at[i] (into the caller's tokens). */
+typedef void (*rows_fn)(void *user, int32_t n, const int32_t *seq, const int32_t *at, const float **rows);
+
+/* Evaluates whole sequences in as few decodes as fit n_batch and n_seq_max, asking
+ * for logits where want[i] != 0, and hands each decode's rows to `consume`. */
+static int decode_sequences(ez_model *m, const int32_t *tokens, const uint8_t *want, const int32_t *seq_start,
+                            int32_t n_seq, rows_fn consume, void *user) {
+    const int32_t n_seq_max = ez_n_seq_max(m);
     int32_t *out_seq = malloc((size_t)m->n_batch * sizeof *out_seq);
-    int32_t *out_tok = malloc((size_t)m->n_batch * sizeof *out_tok);
+    int32_t *out_at = malloc((size_t)m->n_batch * sizeof *out_at);
     int32_t *out_idx = malloc((size_t)m->n_batch * sizeof *out_idx);
-    double *out_nll = malloc((size_t)m->n_batch * sizeof *out_nll);
+    const float **rows = malloc((size_t)m->n_batch * sizeof *rows);
     int rc = EZ_OK;
-    if (!out_seq || !out_tok || !out_idx || !out_nll) {
+    if (!out_seq || !out_at || !out_idx || !rows) {
         rc = fail(EZ_ERR_NOMEM, "out of memory");
         goto done;
     }
-    /* Whole sequences per decode; as many as fit in n_batch and n_seq_max. */
     for (int32_t s0 = 0; s0 < n_seq && rc == EZ_OK;) {
         int32_t s1 = s0, n_tok = 0, n_out = 0;
         m->batch.n_tokens = 0;
         while (s1 < n_seq && s1 - s0 < n_seq_max && n_tok + seq_start[s1 + 1] - seq_start[s1] <= m->n_batch) {
             const int32_t a = seq_start[s1], len = seq_start[s1 + 1] - a;
             for (int32_t p = 0; p < len; p++) {
-                const bool want = p + 1 < len && target[a + p + 1];
-                if (want) {
+                if (want[a + p]) {
                     out_seq[n_out] = s1;
-                    out_tok[n_out] = tokens[a + p + 1];
+                    out_at[n_out] = a + p;
                     out_idx[n_out] = m->batch.n_tokens;
                     n_out++;
                 }
-                batch_add(&m->batch, tokens[a + p], p, s1 - s0, want);
+                batch_add(&m->batch, tokens[a + p], p, s1 - s0, want[a + p] != 0);
             }
             n_tok += len;
             s1++;
@@ -754,35 +761,106 @@ int ez_loss(ez_model *m, const int32_t *tokens, const uint8_t *target, const int
         /* Changed weights invalidate every cached key and value. */
         llama_memory_clear(llama_get_memory(m->ctx), true);
         m->gen_active = 0;
-        if (n_out > 0) { /* a chunk without targets needs no forward at all */
+        if (n_out > 0) { /* a chunk that wants no logits needs no forward at all */
             rc = decode(m);
-            if (rc != EZ_OK) break;
-            const float **rows = malloc((size_t)n_out * sizeof *rows);
-            if (!rows) {
-                rc = fail(EZ_ERR_NOMEM, "out of memory");
-                break;
-            }
             for (int32_t i = 0; i < n_out && rc == EZ_OK; i++) {
                 rows[i] = llama_get_logits_ith(m->ctx, out_idx[i]);
                 if (!rows[i]) rc = fail(EZ_ERR_RUNTIME, "llama.cpp returned no logits for batch position %d", out_idx[i]);
             }
-            if (rc == EZ_OK) {
-#pragma omp parallel for num_threads(m->n_threads) schedule(static)
-                for (int32_t i = 0; i < n_out; i++) out_nll[i] = token_nll(rows[i], n_vocab, out_tok[i]);
-                for (int32_t i = 0; i < n_out; i++) {
-                    nll[out_seq[i]] += out_nll[i];
-                    count[out_seq[i]]++;
-                }
-            }
-            free(rows);
+            if (rc == EZ_OK) consume(user, n_out, out_seq, out_at, rows);
         }
         s0 = s1;
     }
 done:
     free(out_seq);
-    free(out_tok);
+    free(out_at);
     free(out_idx);
-    free(out_nll);
+    free(rows);
+    return rc;
+}
+
+typedef struct {
+    ez_model *m;
+    const int32_t *tokens;
+    double *nll;
+    int32_t *count;
+    double *scratch; /* n_batch */
+} loss_acc;
+
+static void add_nll(void *user, int32_t n, const int32_t *seq, const int32_t *at, const float **rows) {
+    loss_acc *acc = user;
+    const int32_t n_vocab = ez_n_vocab(acc->m);
+#pragma omp parallel for num_threads(acc->m->n_threads) schedule(static)
+    for (int32_t i = 0; i < n; i++) acc->scratch[i] = token_nll(rows[i], n_vocab, acc->tokens[at[i] + 1]);
+    for (int32_t i = 0; i < n; i++) { /* in order: the sums are the same for any thread count */
+        acc->nll[seq[i]] += acc->scratch[i];
+        acc->count[seq[i]]++;
+    }
+}
+
+int ez_loss(ez_model *m, const int32_t *tokens, const uint8_t *target, const int32_t *seq_start,
+            int32_t n_seq, double *nll, int32_t *count) {
+    int rc = check_sequences(m, tokens, seq_start, n_seq);
+    if (rc != EZ_OK) return rc;
+    for (int32_t s = 0; s < n_seq; s++) {
+        if (target[seq_start[s]]) return fail(EZ_ERR_INVALID, "sequence %d: its first token cannot be a target", s);
+        nll[s] = 0.0;
+        count[s] = 0;
+    }
+    const int32_t n_tok = seq_start[n_seq];
+    /* Logits at a token predict the next one: wanted where the next token is a target. */
+    uint8_t *want = calloc((size_t)n_tok, 1);
+    double *scratch = malloc((size_t)m->n_batch * sizeof *scratch);
+    if (!want || !scratch) {
+        free(want);
+        free(scratch);
+        return fail(EZ_ERR_NOMEM, "out of memory");
+    }
+    for (int32_t s = 0; s < n_seq; s++)
+        for (int32_t i = seq_start[s]; i + 1 < seq_start[s + 1]; i++) want[i] = target[i + 1] != 0;
+    loss_acc acc = {m, tokens, nll, count, scratch};
+    rc = decode_sequences(m, tokens, want, seq_start, n_seq, add_nll, &acc);
+    free(want);
+    free(scratch);
+    return rc;
+}
+
+typedef struct {
+    ez_model *m;
+    const int32_t *cand;
+    const int32_t *cand_start;
+    double *logp;
+} next_acc;
+
+static void put_logprobs(void *user, int32_t n, const int32_t *seq, const int32_t *at, const float **rows) {
+    (void)at;
+    next_acc *acc = user;
+    const int32_t n_vocab = ez_n_vocab(acc->m);
+#pragma omp parallel for num_threads(acc->m->n_threads) schedule(static)
+    for (int32_t i = 0; i < n; i++)
+        for (int32_t k = acc->cand_start[seq[i]]; k < acc->cand_start[seq[i] + 1]; k++)
+            acc->logp[k] = -token_nll(rows[i], n_vocab, acc->cand[k]);
+}
+
+int ez_next_logprobs(ez_model *m, const int32_t *tokens, const int32_t *seq_start, int32_t n_seq,
+                     const int32_t *cand, const int32_t *cand_start, double *logp) {
+    int rc = check_sequences(m, tokens, seq_start, n_seq);
+    if (rc != EZ_OK) return rc;
+    if (cand_start[0] != 0) return fail(EZ_ERR_INVALID, "candidate offsets must start at 0");
+    const int32_t n_vocab = ez_n_vocab(m);
+    for (int32_t s = 0; s < n_seq; s++) {
+        if (cand_start[s + 1] <= cand_start[s]) return fail(EZ_ERR_INVALID, "sequence %d has no candidates", s);
+        for (int32_t k = cand_start[s]; k < cand_start[s + 1]; k++)
+            if (cand[k] < 0 || cand[k] >= n_vocab)
+                return fail(EZ_ERR_INVALID, "sequence %d: candidate token %d out of range", s, cand[k]);
+    }
+    const int32_t n_tok = seq_start[n_seq];
+    uint8_t *want = calloc((size_t)n_tok, 1);
+    if (!want) return fail(EZ_ERR_NOMEM, "out of memory");
+    for (int32_t s = 0; s < n_seq; s++) want[seq_start[s + 1] - 1] = 1;
+    next_acc acc = {m, cand, cand_start, logp};
+    rc = decode_sequences(m, tokens, want, seq_start, n_seq, put_logprobs, &acc);
+    free(want);
     return rc;
 }
 

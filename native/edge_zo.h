@@ -79,6 +79,12 @@ void ez_sparse_clear(ez_model *m);
 int ez_loss(ez_model *m, const int32_t *tokens, const uint8_t *target,
             const int32_t *seq_start, int32_t n_seq, double *nll, int32_t *count);
 
+/* Next-token log-probabilities. For each sequence s, logp[k] = log p(cand[k] | all of
+ * sequence s) for k in cand_start[s] .. cand_start[s+1]: the scores of single-token
+ * choices after a shared prompt, from one forward of the prompt alone. */
+int ez_next_logprobs(ez_model *m, const int32_t *tokens, const int32_t *seq_start, int32_t n_seq,
+                     const int32_t *cand, const int32_t *cand_start, double *logp);
+
 /* Generation: begin with a prompt, then call next until *token is -1. */
 int ez_generate_begin(ez_model *m, const int32_t *prompt, int32_t n, float temperature,
                       float top_p, uint32_t seed);

@@ -85,8 +85,11 @@ def test_same_seed_same_deltas_and_trajectory_replays(toy, tmp_path):
     replayed = spsa.replay(np.zeros(len(_theta(a)), np.float32), traj["scalars"], seed=traj["seed"],
                            optimizer=spsa.Optimizer.ADAM, lr_at=cfg.lr_at)
     assert np.array_equal(replayed, _theta(a))
+    # deltas.gguf holds the best validated θ: the replay of the steps up to it.
+    best = spsa.replay(np.zeros(len(_theta(a)), np.float32), traj["scalars"][: traj["best_step"]],
+                       seed=traj["seed"], optimizer=spsa.Optimizer.ADAM, lr_at=cfg.lr_at)
     saved = SparseAdapter.load(a / "deltas.gguf").values
-    assert np.array_equal(saved, replayed.astype(np.float16).astype(np.float32))
+    assert np.array_equal(saved, best.astype(np.float16).astype(np.float32))
 
 
 @pytest.mark.parametrize("optimizer,lr", [("momentum", 3e-3), ("sign", 5e-2), ("adam", 5e-2)])

@@ -1,0 +1,54 @@
+"""Time-budgeted and early-stopped runs: `--time` ends a run, validated and saved, before its
+budget; `patience` stops one that no longer improves; deltas.gguf keeps the best validation."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from edge_zo import run_dir, spsa
+from edge_zo.cli import main as cli
+from edge_zo.trainer import LoopConfig, LoopState, train
+
+from .test_tune import _tune, toy  # noqa: F401
+
+
+def test_time_budget_ends_the_run_validated_and_saved(toy, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "timed"
+    t0 = time.perf_counter()
+    assert _tune(toy, out, "--steps", "100000", "--time", "6s", "--eps", "1e-2") == 0
+    took = time.perf_counter() - t0
+    rows = run_dir.read_metrics(out)
+    last = rows[-1]
+    assert 0 < last["step"] < 100000 and "valid_loss" in last, last   # the final step was validated
+    err = capsys.readouterr().err
+    assert f"stopped at step {last['step']}: --time 6s spent" in err, err
+    assert took < 6 + 20, took   # model load and write-out come on top of the budget; no step runs past it
+    assert (out / "deltas.gguf").is_file() and (out / "checkpoint.npz").is_file()
+
+
+def test_patience_stops_a_run_that_gets_worse_and_keeps_the_best():
+    """The loop on a numpy objective: a rate too large for the quadratic makes every validation
+    after the first few worse; the loop stops `patience` checks after the best and keeps it."""
+    target = np.linspace(-1, 1, 64).astype(np.float32)
+    live = np.zeros(64, np.float32)
+    quad = lambda: float(np.sum((live - target) ** 2))   # noqa: E731
+    cfg = LoopConfig(steps=500, batch_size=1, eps=1e-3, lr=0.4, eval_every=2, save_every=10**9, patience=3)
+    state = LoopState.fresh(np.zeros(64, np.float32), cfg)
+    seen = []
+    state = train(cfg, state, n_examples=4, live=live, loss=lambda idx: quad(), evaluate=lambda: {"valid_loss": quad()},
+                  report=lambda r: seen.append(r), checkpoint=lambda s: None)
+    valid = [(r["step"], r["valid_loss"]) for r in seen if "valid_loss" in r]
+    best_step, best_loss = min(valid, key=lambda v: v[1])
+    assert state.step < 500 and state.step == best_step + 3 * 2, valid
+    assert state.best_step == best_step and state.best_loss == best_loss
+    replayed = spsa.replay(np.zeros(64, np.float32), state.scalars[:best_step], seed=0,
+                           optimizer=spsa.Optimizer.SGD, lr_at=cfg.lr_at)
+    assert np.array_equal(state.best, replayed)
+
+
+def test_budget_spent_by_the_searches_is_an_error(toy, tmp_path, capsys):  # noqa: F811
+    assert cli(["tune", str(toy["model"]), str(toy["data"]), "--sidecar", str(toy["sidecar"]), "-o",
+                str(tmp_path / "r"), "--quiet", "--time", "1s"]) == 1
+    assert "was spent by the searches" in capsys.readouterr().err
