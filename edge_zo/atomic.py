@@ -9,7 +9,8 @@ Fault injection (tests only): with EDGE_ZO_KILL_AT="LABEL@N" in the environment 
 kills itself with SIGKILL at the N-th write point whose label contains LABEL. Labels are
 "<file name>:partial" (the temporary file, or an appended line, holds only its first
 EDGE_ZO_KILL_CUT share of bytes, default 0.5: a write cut short), "<file name>:written"
-(complete, not yet renamed) and "<file name>:renamed". tests/test_faults.py kills a run at
+(complete, not yet renamed) and "<file name>:renamed"; metrics.jsonl's appends add
+"metrics.jsonl:appending" (a torn line) and "metrics.jsonl:appended". tests/test_faults.py kills a run at
 every kind of point and checks that --resume ends bit-identical to an uninterrupted run.
 """
 from __future__ import annotations

@@ -80,7 +80,7 @@ def choose_eps(loss_at: Callable[[int, np.ndarray], float], n_params: int, seed:
         if not np.all(np.isfinite(d)):
             raise DivergedError(f"--eps auto: a loss at ±{eps:.3g}·z was not finite: the model with its sidecar "
                                 "gives non-finite losses on this data (see `edge-zo eval MODEL DATA --adapter "
-                                "SIDECAR`)", 0)
+                                "SIDECAR`)", 0, before_training=True)
         diffs[eps] = d
 
     def corr(a: float, b: float) -> float:

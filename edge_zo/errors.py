@@ -36,11 +36,13 @@ class WorkerLostError(EdgeZoError, RuntimeError):
 class DivergedError(EdgeZoError, FloatingPointError):
     """Training produced a non-finite loss or values beyond what a sparse adapter stores.
 
-    `step` is the last finite step: the state handed to the loop has been put back there."""
+    `step` is the last finite step: the state handed to the loop has been put back there.
+    `before_training`: the losses were not finite before any step (the model or data, not the lr)."""
 
-    def __init__(self, message: str, step: int):
+    def __init__(self, message: str, step: int, before_training: bool = False):
         super().__init__(message)
         self.step = step
+        self.before_training = before_training
 
 
 class RunLockedError(EdgeZoError, BlockingIOError):

@@ -6,6 +6,7 @@ opening even a large model costs little; nothing here loads weights into llama.c
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,8 @@ class ModelInfo:
         import gguf
 
         path = Path(path)
+        if path.is_dir():
+            raise ModelFileError(f"{path}: is a folder; pass the .gguf model file inside it (e.g. {path}/model.gguf).")
         if not path.is_file():
             raise ModelFileError(f"{path}: no such model file. Pass the path of a .gguf model.")
         try:
@@ -69,11 +72,19 @@ class ModelInfo:
         return file_sha256(self.path)
 
 
+_hashed: dict[tuple, str] = {}
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    """The file's SHA-256, remembered per (file, size, mtime) so checking every adapter costs one read."""
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _hashed:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        _hashed[key] = h.hexdigest()
+    return _hashed[key]
 
 

@@ -98,11 +98,11 @@ def append_metrics(out: Path, record: dict) -> None:
     data = (json.dumps(record, sort_keys=True) + "\n").encode()
     fd = os.open(out / METRICS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
-        if atomic.armed(METRICS, "partial"):   # fault injection (edge_zo.atomic): a torn line, then death
+        if atomic.armed(METRICS, "appending"):   # fault injection (edge_zo.atomic): a torn line, then death
             os.write(fd, data[: int(len(data) * atomic.cut_share())])
             atomic.die()
         os.write(fd, data)
-        atomic.fault_point(METRICS, "written")
+        atomic.fault_point(METRICS, "appended")
     finally:
         os.close(fd)
 

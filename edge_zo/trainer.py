@@ -151,7 +151,7 @@ def train(cfg: LoopConfig, state: LoopState, *, n_examples: int, live: np.ndarra
                 validate(info)
             except DivergedError as exc:
                 raise DivergedError(f"{exc} before any step: the model with its attached adapters gives "
-                                    "non-finite losses on the validation data", 0) from None
+                                    "non-finite losses on the validation data", 0, before_training=True) from None
             report(info)
         while state.step < cfg.steps:
             step = state.step
@@ -177,7 +177,7 @@ def train(cfg: LoopConfig, state: LoopState, *, n_examples: int, live: np.ndarra
                 i = int(beyond[0])
                 value = float(state.theta[i])
                 _restore(state, live, before)
-                raise DivergedError(f"training diverged at step {step + 1}: the update took value {i} "
+                raise DivergedError(f"training diverged at step {step + 1}: the update took coordinate {i} "
                                     f"to {value:g}, beyond the ±{VALUE_MAX:g} a deltas file holds", step)
             live[:] = state.theta
             state.scalars.append(gs)

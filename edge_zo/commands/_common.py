@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..adapter import SparseAdapter
 from ..constants import Sparse
+from ..errors import InvalidInputError
 from ..gguf_io import read_header
 from ..merge import PERSONALIZED
 from ..runtime import Runtime, RuntimeOptions
@@ -35,9 +36,20 @@ def add_adapter_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="FILE",
                    help="sparse adapter GGUF (a sidecar or tuned deltas); repeat to stack them, their values add")
     add_sidecar_option(p)
+    add_allow_other_base(p)
+
+
+def add_allow_other_base(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="use adapters made for another base model (their recorded base sha256 differs); "
+                        "for deliberate transplants between models of the same shapes")
 
 
 def runtime_options(args, **overrides) -> RuntimeOptions:
+    for option, least in (("batch_size", 1), ("max_tokens", 1), ("threads", 0)):
+        value = overrides.get(option, getattr(args, option, None))
+        if value is not None and value < least:
+            raise InvalidInputError(f"--{option.replace('_', '-')} must be at least {least}, got {value}")
     d = RuntimeOptions()
     pick = lambda v, default: default if v is None else v  # noqa: E731
     return RuntimeOptions(
@@ -89,6 +101,11 @@ def _role(path: str) -> str | None:
         return None   # SparseAdapter.load says what is wrong with the file
 
 
-def attach_adapters(rt: Runtime, paths: list[str]) -> None:
-    for path in paths:
-        rt.attach(SparseAdapter.load(path), source=str(path))
+def attach_adapters(rt: Runtime, paths: list[str], allow_other_base: bool = False) -> None:
+    """Load every adapter first (so a bad one fails before any is attached), check each
+    against the model's shapes and, unless allowed otherwise, its recorded base model."""
+    adapters = [SparseAdapter.load(path) for path in paths]
+    for path, adapter in zip(paths, adapters):
+        if not allow_other_base:
+            adapter.check_base(rt.info.sha256(), rt.info.path, str(path))
+        rt.attach(adapter, source=str(path))

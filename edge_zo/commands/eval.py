@@ -15,6 +15,7 @@ import math
 import time
 
 from ..dataset import Tokenizer, load_jsonl
+from ..errors import NativeRuntimeError
 from ..runtime import Runtime
 from ._common import (adapter_paths, add_adapter_option, add_runtime_options, attach_adapters, runtime_options,
                       say_adapters)
@@ -38,10 +39,15 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     with Runtime(args.model, runtime_options(args)) as rt:
         adapters = adapter_paths(args)
-        attach_adapters(rt, adapters)
+        attach_adapters(rt, adapters, args.allow_other_base)
         say_adapters("eval", adapters, args)
         examples = Tokenizer(rt.native, max_tokens=rt.options.max_tokens, chat=args.chat).examples(data)
         result = rt.loss(examples)
+        if not math.isfinite(result.mean):
+            raise NativeRuntimeError(f"{args.data}: the loss is {result.mean} with {args.model}"
+                                     + (f" and {', '.join(args.adapter)}" if args.adapter else "")
+                                     + ": the model or an adapter gives non-finite log-likelihoods; check that "
+                                     "the adapters belong to this model and come from a run that did not diverge")
         report = {
             "loss": result.mean,
             "perplexity": math.exp(min(result.mean, 700.0)),

@@ -40,7 +40,8 @@ from ..errors import InvalidInputError
 from ..merge import REQUANTIZABLE, f16_rounding, merge_into_gguf, output_nbytes, plan_merge, sum_adapters
 from ..model_info import ModelInfo
 from ..runtime import Runtime
-from ._common import add_runtime_options, add_sidecar_option, adapter_paths, runtime_options, say_adapters
+from ._common import (adapter_paths, add_allow_other_base, add_runtime_options, add_sidecar_option, runtime_options,
+                      say_adapters)
 
 ADAPTER_FILE = "adapter.gguf"
 MERGED_FILE = "model-merged.gguf"
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", default=[], metavar="FILE", required=True,
                    help="sparse adapter GGUF (a sidecar or tuned deltas); repeat to stack them, their values add")
     add_sidecar_option(p)
+    add_allow_other_base(p)
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR",
                    help="folder for the outputs (created if missing)")
     p.add_argument("--data", default=None, metavar="FILE.jsonl",
@@ -78,6 +80,8 @@ def main(argv: list[str]) -> int:
     adapters = [SparseAdapter.load(path) for path in paths]
     for path, a in zip(paths, adapters):
         a.check_against(model, str(path))
+        if not args.allow_other_base:
+            a.check_base(model.sha256(), model.path, str(path))
     say_adapters("export", paths, args)
     personalized = sum_adapters(adapters, paths)
     plan = None if args.no_merge else plan_merge(model, personalized, args.edited_type)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import InvalidInputError
 from ..runtime import Runtime
 from ._common import (adapter_paths, add_adapter_option, add_runtime_options, attach_adapters, runtime_options,
                       say_adapters)
@@ -34,9 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise InvalidInputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not 0.0 <= args.temp < float("inf"):
+        raise InvalidInputError(f"--temp must be 0 (greedy) or a positive number, got {args.temp}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise InvalidInputError(f"--top-p must lie in (0, 1], got {args.top_p}")
     with Runtime(args.model, runtime_options(args, batch_size=1, max_tokens=args.max_tokens or 2048)) as rt:
         adapters = adapter_paths(args)
-        attach_adapters(rt, adapters)
+        attach_adapters(rt, adapters, args.allow_other_base)
         say_adapters("generate", adapters, args)
         for piece in rt.generate(args.prompt, max_tokens=args.max_new_tokens, temperature=args.temp,
                                  top_p=args.top_p, seed=args.seed, chat=args.chat):

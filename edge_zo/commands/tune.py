@@ -504,7 +504,8 @@ def _differences(saved: dict, now: dict) -> list[str]:
         elif key == "backend":
             diffs += [f"{k} {x.get(k)!r} -> {y.get(k)!r}" for k in sorted(y) if x.get(k) != y.get(k)]
         elif key == "valid_rows":
-            diffs.append(f"{what} differ")
+            if None not in (x, y):   # else the valid file's line says it
+                diffs.append(f"{what} differ")
         else:
             diffs.append(f"{what} {x!r} -> {y!r}")
     return diffs
