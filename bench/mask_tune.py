@@ -1,11 +1,11 @@
 """Fisher mask vs a random mask of the same size, tuned the same way on a real task.
 
-    python bench/mask_tune.py                              # SmolLM2-135M, spam task, 100 steps, seed 0
-    python bench/mask_tune.py --steps 200 --seeds 0 1 2 --out docs/tune-mask.json
+    python -m bench.mask_tune                              # SmolLM2-135M, spam task, 100 steps, seed 0
+    python -m bench.mask_tune --steps 200 --seeds 0 1 2 --out docs/tune-mask.json
 
 Runs the product's own commands, as a user would:
-  1. the Fisher split is the demo's (`edge-zo convert` of SmolLM2 on calibration text, 0.1%);
-     the random split is `edge-zo convert --mask random` with the same density and scope;
+  1. `edge-zo convert --mask fisher|random` of the source (0.1%, global; the Fisher one on
+     the demo's 4,096 calibration tokens, so it is the demo's split);
   2. `edge-zo tune MODEL train.jsonl --valid valid.jsonl --sidecar SIDECAR` with the same settings;
   3. `edge-zo eval` on the held-out test split, untuned (model + sidecar) and tuned (+ deltas).
 The task is the demo's spam/ham split (train 256, valid 32, test 96, seed 0): the test rows
@@ -16,25 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from edge_zo import corpora, demo
 
-from edge_zo import corpora, demo  # noqa: E402
+from ._common import cache_dir, log, smollm2, write_json
+from ._common import edge_zo as run_edge_zo
 
 
 def edge_zo(*args: str) -> str:
-    cmd = [sys.executable, "-m", "edge_zo", *args]
-    print("$ edge-zo " + " ".join(args), file=sys.stderr, flush=True)
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if done.returncode:
-        sys.exit(f"edge-zo {args[0]} failed with exit code {done.returncode}")
-    return done.stdout
+    log("mask_tune", "$ edge-zo " + " ".join(args))
+    return run_edge_zo(*args)
 
 
 def evaluate(model: str, data: Path, adapters: list[str], max_tokens: int) -> dict:
@@ -42,34 +37,39 @@ def evaluate(model: str, data: Path, adapters: list[str], max_tokens: int) -> di
     return json.loads(edge_zo("eval", model, str(data), *flags, "--max-tokens", str(max_tokens), "--json"))
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--max-tokens", type=int, default=demo.DEMO_SETTINGS["max_tokens"])
     ap.add_argument("--masks", nargs="+", default=["fisher", "random"], choices=["fisher", "random", "magnitude"])
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `edge-zo tune` flags, e.g. --lr 3e-4")
-    ap.add_argument("--out", default=None, help="write the results as JSON here too")
-    args = ap.parse_args()
+    ap.add_argument("--source", type=Path, default=None, help="GGUF model to convert (default: SmolLM2-135M Q4_1)")
+    ap.add_argument("--calib-tokens", type=int, default=demo.CALIB_TOKENS, help="of the Fisher mask")
+    ap.add_argument("--work", type=Path, default=None, help="converted models and runs (default: the cache)")
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here too")
+    args = ap.parse_args(argv)
 
-    fisher_model, train, valid, _ = demo.prepare()
-    task = Path(train).parent
-    test = task / "test.jsonl"
-    work = corpora.cache_root().parent / "bench" / "mask_tune"
-    splits = {"fisher": Path(fisher_model).parent}
+    source = args.source or smollm2()
+    work = args.work or cache_dir("mask_tune")
+    task = work / "spam"
+    if not (task / "test.jsonl").is_file():   # the demo's task: train 256, valid 32, test 96, seed 0
+        corpora.write_task("spam", task, seed=0, **demo.TASK_SIZES)
+    train, valid, test = (str(task / f"{split}.jsonl") for split in ("train", "valid", "test"))
+    splits = {}
     for mask in args.masks:
-        if mask != "fisher":
-            splits[mask] = work / f"smollm2-{mask}"
-            if not (splits[mask] / "sidecar.gguf").is_file():
-                edge_zo("convert", str(demo.smollm2_gguf()), "-o", str(splits[mask]), "--mask", mask,
-                        "--calib-tokens", str(demo.CALIB_TOKENS))
+        splits[mask] = work / f"{source.stem}-{mask}"
+        if not (splits[mask] / "sidecar.gguf").is_file():
+            edge_zo("convert", str(source), "-o", str(splits[mask]), "--mask", mask,
+                    "--calib-tokens", str(args.calib_tokens), "--no-progress")
 
     rows = []
     for mask in args.masks:
         model, sidecar = str(splits[mask] / "model.gguf"), str(splits[mask] / "sidecar.gguf")
         before = evaluate(model, test, [sidecar], args.max_tokens)
         for seed in args.seeds:
-            run = work / f"run-{mask}-s{seed}-{args.steps}"
+            run = work / f"run-{source.stem}-{mask}-s{seed}-{args.steps}"
+            shutil.rmtree(run, ignore_errors=True)
             t0 = time.perf_counter()
             edge_zo("tune", model, train, "--valid", valid, "--sidecar", sidecar, "-o", str(run), "--quiet",
                     "--steps", str(args.steps), "--seed", str(seed), "--max-tokens", str(args.max_tokens),
@@ -101,11 +101,11 @@ def main() -> None:
             "test_loss_after_std": round(statistics.stdev(loss), 4) if len(loss) > 1 else 0.0,
             "test_acc_after_mean": round(statistics.mean(acc), 4) if acc else None,
         }
-    result = {"model": "SmolLM2-135M-Instruct Q4_1", "task": str(task), "test_examples": before["examples"],
+    result = {"model": source.name, "task": str(task), "test_examples": before["examples"],
               "cpu_threads": os.cpu_count(), "extra_flags": args.extra, "rows": rows, "summary": summary}
     print(json.dumps(result, indent=1))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

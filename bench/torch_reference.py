@@ -1,13 +1,13 @@
 """One step of our native sparse SPSA tune against the same step done the PyTorch
 way (MeZO-style, fp32 on CPU), side by side in one run: step time and peak memory.
 
-    python bench/torch_reference.py                  # SmolLM2-135M Q4_1, Fisher 0.1% mask, spam batch 8
-    python bench/torch_reference.py --steps 5 --threads 2
+    python -m bench.torch_reference                  # SmolLM2-135M Q4_1, Fisher 0.1% mask, spam batch 8
+    python -m bench.torch_reference --steps 5 --threads 2
 
 Both arms take the same step: the same mask (Fisher 0.1% global, as `edge-zo convert`
-finds it; see bench/fidelity.py), the same batch (the first batch of the demo's spam
+finds it; the one bench/fidelity.py uses), the same batch (the first batch of the demo's spam
 task, tokenized as `edge-zo tune` does), the same z = spsa.direction(seed, step, n), the
-same ε and lr (`edge-zo tune`'s defaults), SGD.
+same ε and lr (edge_zo.trainer.LoopConfig's defaults), SGD.
 - native: edge_zo.Runtime with a sparse adapter on the mask; spsa.estimate writes θ±εz
   into the live values, two llama.cpp forwards, spsa.take_step; the weights stay Q4_1.
 - torch: the same GGUF dequantized to float32 (converters.torch_model.model_from_gguf);
@@ -17,8 +17,8 @@ same ε and lr (`edge-zo tune`'s defaults), SGD.
   θ −= lr·g·z in place.
 A third arm, plain, times two llama.cpp forwards of the batch with no adapter attached
 (what the native step costs without the sparse path; --no-plain skips it).
-Each arm runs in its own subprocess, so peak RSS (ru_maxrss) is that arm's alone; the
-parent drives them step by step, alternating which goes first, so load from other
+Each arm runs in its own process, so its peak RSS (VmHWM, which unlike ru_maxrss starts afresh
+at exec instead of carrying over the parent's peak) is that arm's alone; the parent drives them step by step, alternating which goes first, so load from other
 jobs on the machine falls on both alike. Step time excludes loading.
 """
 from __future__ import annotations
@@ -29,7 +29,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/fidelity.py
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import resource  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -39,13 +38,11 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
 from edge_zo import spsa  # noqa: E402
 from edge_zo.dataset import Example  # noqa: E402
-from edge_zo.trainer import LoopConfig  # noqa: E402
+
+from ._common import (DEFAULT_BATCH, DEFAULT_EPS, DEFAULT_LR, ROOT, cache_dir, calibration_mask,  # noqa: E402
+                      peak_rss_mib, smollm2, task_batch, task_rows, write_json, zero_adapter)
 
 
 def rss_mib() -> float:
@@ -53,20 +50,14 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # ---- the two arms (each runs in its own process) ----
 
 class NativeArm:
     def __init__(self, model: str, mask: dict, batch: list[Example], threads: int):
-        from edge_zo.adapter import SparseAdapter
         from edge_zo.runtime import Runtime, RuntimeOptions
 
         self.rt = Runtime(model, RuntimeOptions(batch_size=len(batch), max_tokens=256, threads=threads))
-        self.adapter = SparseAdapter.from_weights(self.rt.info.architecture,
-                                                  {n: (i, np.zeros(len(i), np.float32)) for n, i in mask.items()})
+        self.adapter = zero_adapter(self.rt.info, mask)
         self.rt.attach(self.adapter)
         self.theta = self.adapter.values.copy()
         self.state = spsa.OptimizerState.create(spsa.Optimizer.SGD, len(self.theta))
@@ -100,16 +91,11 @@ class TorchArm:
         import torch
 
         from converters.fisher import target_parameters
-        from converters.gguf_tensors import TensorFile
-        from converters.hf_names import arch_spec
-        from edge_zo.model_info import ModelInfo
+        from converters.torch_model import load_gguf
 
         torch.set_num_threads(threads)
         torch.set_num_interop_threads(1)
-        info = ModelInfo.open(model_path)
-        with TensorFile(model_path, info.header) as tf:
-            from converters.torch_model import model_from_gguf
-            self.model, names, layout = model_from_gguf(tf, arch_spec(info.architecture))
+        self.model, names, layout = load_gguf(model_path)
         for p in self.model.parameters():
             p.requires_grad_(False)
         params = target_parameters(self.model, names, sorted(mask))
@@ -188,20 +174,16 @@ def child(args) -> None:
 # ---- the parent ----
 
 def prepare(args):
-    """Mask and batch into one npz that both children read (so neither tokenizes nor scores)."""
-    from fidelity import DEFAULT_BATCH, Setup, default_cache
-
-    ns = argparse.Namespace(model=args.model, cache=args.cache or default_cache(), threads=args.threads,
-                            task="spam", seed=args.seed)
-    s = Setup(ns)
-    batch = s.batch(args.batch or DEFAULT_BATCH)
-    args.model = s.model
+    """Mask and batch into one npz that the children read (so none of them tokenizes or scores)."""
+    args.model = str(args.model or smollm2())
+    mask = calibration_mask(args.model, args.cache or cache_dir("fidelity"), args.threads, args.calib_tokens)
+    batch = task_batch(args.model, task_rows("spam", args.task_file), args.batch or DEFAULT_BATCH, seed=args.seed)
     path = Path(tempfile.mkdtemp(prefix="edge-zo-torchref-")) / "data.npz"
-    arrays = {f"mask:{n}": i for n, i in s.mask.items()}
+    arrays = {f"mask:{n}": i for n, i in mask.items()}
     for i, e in enumerate(batch):
         arrays[f"tok:{i}"], arrays[f"tgt:{i}"] = e.tokens, e.targets
     np.savez(path, n=len(batch), **arrays)
-    return path, s, batch
+    return path, mask, batch
 
 
 def main(argv=None) -> None:
@@ -210,10 +192,12 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=None, help="rows per step (default: edge-zo tune's)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per arm")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per arm first")
-    ap.add_argument("--eps", type=float, default=LoopConfig().eps)
-    ap.add_argument("--lr", type=float, default=LoopConfig().lr)
+    ap.add_argument("--eps", type=float, default=DEFAULT_EPS)
+    ap.add_argument("--lr", type=float, default=DEFAULT_LR)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens of the Fisher mask")
+    ap.add_argument("--task-file", type=Path, default=None, help="the spam task's rows as JSONL (fidelity's `rows`)")
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain-forwards arm")
@@ -223,12 +207,12 @@ def main(argv=None) -> None:
     if args.arm:
         return child(args)
 
-    data, s, batch = prepare(args)
+    data, mask, batch = prepare(args)
     load0 = os.getloadavg()
     procs, ready = {}, {}
     arms = ("native", "torch") if args.no_plain else ("native", "torch", "plain")
     for arm in arms:   # loaded one after the other, so loading never overlaps
-        cmd = [sys.executable, __file__, "--arm", arm, "--data", str(data), "--model", args.model,
+        cmd = [sys.executable, "-m", "bench.torch_reference", "--arm", arm, "--data", str(data), "--model", args.model,
                "--threads", str(args.threads), "--eps", str(args.eps), "--lr", str(args.lr), "--seed", str(args.seed)]
         procs[arm] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                       stderr=subprocess.DEVNULL, cwd=ROOT)
@@ -255,7 +239,7 @@ def main(argv=None) -> None:
         p.wait()
     med = {a: statistics.median(t) for a, t in times.items()}
     result = {
-        "model": Path(args.model).name, "sparse_params": int(sum(len(i) for i in s.mask.values())),
+        "model": Path(args.model).name, "sparse_params": int(sum(len(i) for i in mask.values())),
         "batch": len(batch), "tokens": int(sum(len(e.tokens) for e in batch)),
         "target_tokens": int(sum(e.n_targets for e in batch)), "eps": args.eps, "lr": args.lr,
         "threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -270,11 +254,9 @@ def main(argv=None) -> None:
             "native_step_over_two_plain_forwards": round(med["native"] / med["plain"], 3)} if "plain" in procs else {}),
         "peak_rss_ratio_torch_over_native": round(mem["torch"]["peak_rss_mib"] / mem["native"]["peak_rss_mib"], 3),
     }
-    text = json.dumps(result, indent=1)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+        write_json(args.out, result)
+    print(json.dumps(result, indent=1))
     data.unlink(missing_ok=True)
     data.parent.rmdir()
 

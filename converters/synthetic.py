@@ -61,13 +61,11 @@ def random_weights(shape: LlamaShape, n_vocab: int, seed: int = 0) -> dict[str, 
     return out
 
 
-def write_llama(path: str | Path, shape: LlamaShape, weights: dict[str, np.ndarray], tokenizer_from: str | Path,
-                matmul_type: str = "F32", embd_type: str = "F32") -> Path:
-    """Write `weights` as a llama GGUF; 2-D weights in blocks use `matmul_type`."""
-    src = read_header(tokenizer_from)
-    path = Path(path)
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_name("edge-zo synthetic llama")
+def llama_writer(path: str | Path, shape: LlamaShape, tokenizer_from: str | Path,
+                 name: str = "edge-zo synthetic llama") -> gguf.GGUFWriter:
+    """A GGUFWriter holding a llama's hyperparameters for `shape` and the tokenizer.* fields of `tokenizer_from`."""
+    w = gguf.GGUFWriter(Path(path), "llama")
+    w.add_name(name)
     w.add_context_length(shape.n_ctx)
     w.add_embedding_length(shape.n_embd)
     w.add_block_count(shape.n_layer)
@@ -77,7 +75,15 @@ def write_llama(path: str | Path, shape: LlamaShape, weights: dict[str, np.ndarr
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
     w.add_rope_dimension_count(shape.n_embd // shape.n_head)
-    copy_fields(src, w, keep=lambda key: key.startswith("tokenizer."))
+    copy_fields(read_header(tokenizer_from), w, keep=lambda key: key.startswith("tokenizer."))
+    return w
+
+
+def write_llama(path: str | Path, shape: LlamaShape, weights: dict[str, np.ndarray], tokenizer_from: str | Path,
+                matmul_type: str = "F32", embd_type: str = "F32") -> Path:
+    """Write `weights` as a llama GGUF; 2-D weights in blocks use `matmul_type`."""
+    path = Path(path)
+    w = llama_writer(path, shape, tokenizer_from)
     for name, arr in weights.items():
         qname = embd_type if name in ("token_embd.weight", "output.weight") else matmul_type
         if arr.ndim == 1:

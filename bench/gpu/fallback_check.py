@@ -5,7 +5,7 @@ Metal and Vulkan take this path; no such machine is at hand, so this runs a buil
 buffers take the same path: deltas through ggml_backend_tensor_get/set must act
 like edited weights, and the one-time note must be in the log.
 
-    EDGE_ZO_TOKENIZER=tok.gguf python bench/gpu/fallback_check.py     # run_device.sh's `fallback` stage
+    EDGE_ZO_TOKENIZER=tok.gguf python -m bench.gpu.fallback_check     # run_device.sh's `fallback` stage
 """
 from __future__ import annotations
 
@@ -16,13 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from converters.synthetic import LlamaShape, random_weights, vocab_size, write_llama  # noqa: E402
-from edge_zo._native import HAS_CUDA  # noqa: E402
-from edge_zo.adapter import SparseAdapter  # noqa: E402
-from edge_zo.dataset import Example  # noqa: E402
-from edge_zo.runtime import Runtime, RuntimeOptions  # noqa: E402
+from converters.synthetic import LlamaShape, random_weights, vocab_size, write_llama
+from edge_zo._native import HAS_CUDA
+from edge_zo.adapter import SparseAdapter
+from edge_zo.dataset import Example
+from edge_zo.runtime import Runtime, RuntimeOptions
 
 
 def main() -> int:

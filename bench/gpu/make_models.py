@@ -1,7 +1,7 @@
 """Random-weight Q4_0 llamas of real shapes, written in seconds, for the GPU runs.
 
-    python bench/gpu/make_models.py smollm2 out.gguf --tokenizer smollm2-vocab.gguf
-    python bench/gpu/make_models.py llama2-7b out.gguf --tokenizer ggml-vocab-llama-spm.gguf
+    python -m bench.gpu.make_models smollm2 out.gguf --tokenizer smollm2-vocab.gguf
+    python -m bench.gpu.make_models llama2-7b out.gguf --tokenizer ggml-vocab-llama-spm.gguf
 
 No real model fits the device machine's carry limit, and quantizing 6.7B random
 floats in numpy takes minutes, so the Q4_0 blocks are drawn directly: a fixed
@@ -21,11 +21,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from converters.gguf_copy import copy_fields  # noqa: E402
-from converters.synthetic import LlamaShape  # noqa: E402
-from edge_zo.gguf_header import read_header  # noqa: E402
+from converters.synthetic import LlamaShape, llama_writer, vocab_size
+from edge_zo.atomic import atomic_path
 
 SHAPES = {
     "smollm2": LlamaShape(n_embd=576, n_layer=30, n_head=9, n_head_kv=3, n_ff=1536, n_ctx=8192, tied=True),
@@ -63,26 +60,19 @@ def random_q4_0(rng: np.random.Generator, n_out: int, n_in: int) -> np.ndarray:
 
 
 def write(path: str | Path, shape: LlamaShape, tokenizer_from: str | Path, seed: int = 0) -> Path:
-    src = read_header(tokenizer_from)
-    n_vocab = len(src.get("tokenizer.ggml.tokens"))
     for n in (shape.n_embd, shape.n_ff):
         if n % BLOCK:
             raise ValueError(f"Q4_0 needs widths divisible by {BLOCK}, got {n}")
     path = Path(path)
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_name("edge-zo random Q4_0 llama")
-    w.add_context_length(shape.n_ctx)
-    w.add_embedding_length(shape.n_embd)
-    w.add_block_count(shape.n_layer)
-    w.add_feed_forward_length(shape.n_ff)
-    w.add_head_count(shape.n_head)
-    w.add_head_count_kv(shape.n_head_kv)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_rope_dimension_count(shape.n_embd // shape.n_head)
+    with atomic_path(path) as tmp:
+        _write(tmp, shape, tokenizer_from, seed)
+    return path
+
+
+def _write(path: Path, shape: LlamaShape, tokenizer_from: str | Path, seed: int) -> None:
+    w = llama_writer(path, shape, tokenizer_from, "edge-zo random Q4_0 llama")
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
-    copy_fields(src, w, keep=lambda key: key.startswith("tokenizer."))
-    plan = tensor_plan(shape, n_vocab)
+    plan = tensor_plan(shape, vocab_size(tokenizer_from))
     for name, s in plan:
         if len(s) == 1:
             w.add_tensor_info(name, s, np.dtype(np.float32), s[0] * 4)
@@ -96,16 +86,15 @@ def write(path: str | Path, shape: LlamaShape, tokenizer_from: str | Path, seed:
     for name, s in plan:
         w.write_tensor_data(np.ones(s, np.float32) if len(s) == 1 else random_q4_0(rng, *s))
     w.close()
-    return path
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("shape", choices=sorted(SHAPES))
     ap.add_argument("out")
     ap.add_argument("--tokenizer", required=True, help="any GGUF with tokenizer.* fields")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     t = time.perf_counter()
     path = write(args.out, SHAPES[args.shape], args.tokenizer, args.seed)
     print(f"{path}: {path.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t:.1f} s", file=sys.stderr)

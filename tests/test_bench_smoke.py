@@ -1,0 +1,116 @@
+"""Every benchmark of bench/ runs end to end on a tiny model for a step or two, so none of them
+rots unnoticed; the figures they print are checked for shape and sense, not for value."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(module: str, *args, timeout: float = 300) -> str:
+    """`python -m bench.MODULE ARGS` from the repository root, as bench/README.md runs it; its stdout."""
+    done = subprocess.run([sys.executable, "-m", f"bench.{module}", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, f"bench.{module} failed:\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def last_json(stdout: str) -> dict:
+    """The JSON object a benchmark prints last (pretty-printed or on one line)."""
+    start = stdout.rfind("\n{") + 1
+    return json.loads(stdout[start:])
+
+
+@pytest.fixture(scope="module")
+def fisher_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fisher_cache")
+
+
+def test_overhead(tiny_q4):
+    r = last_json(bench("overhead", "--model", tiny_q4.path, "--seqs", 2, "--tokens", 16, "--rounds", 1, "--steps", 1))
+    assert r["sparse_params"] > 0 and r["path_counts"]["host"] > 0
+    assert all(r[k] > 0 for k in ("plain_median_s", "split_median_s", "sparse_median_s", "tune_step_median_s"))
+    assert 0 <= r["step_share_outside_forwards"] < 1
+
+
+def test_fidelity_tables(tiny_q4, fisher_cache, tmp_path):
+    common = ["--model", tiny_q4.path, "--calib-tokens", 256, "--directions", 3, "--threads", 2,
+              "--cache", fisher_cache, "--out", tmp_path]
+    eps = last_json(bench("fidelity", "eps", *common, "--eps", "1e-2", "auto", "--f32-eps", "1e-2", "--batch", 2))
+    assert [r["cell"] for r in eps["rows"]][0] == "KV F16 eps 0.01" and len(eps["rows"]) == 3
+    assert "eps_probe" in eps["rows"][1] and abs(eps["rows"][0]["pearson_r"]) <= 1
+    assert (tmp_path / "fidelity-eps.json").is_file() and (tmp_path / "fidelity-eps.png").is_file()
+    assert len(last_json(bench("fidelity", "batch", *common, "--sizes", 1, 2))["rows"]) == 2
+    dense = last_json(bench("fidelity", "dense", *common, "--types", "Q4_0", "F32", "--batch", 2))
+    assert [r["block_matmul_types"] for r in dense["rows"]] == [{"Q4_0": 14}, {"F32": 14}]
+    noise = last_json(bench("fidelity", "noise", *common, "--types", "Q4_0", "--kv", "F16", "--batch", 2))
+    assert noise["rows"][0]["loss_at_+dz"] == noise["rows"][0]["loss_at_+dz_again"]   # llama.cpp repeats itself
+
+
+def test_torch_reference_measures_each_arm_in_its_own_process(tiny_q4, fisher_cache):
+    r = last_json(bench("torch_reference", "--model", tiny_q4.path, "--calib-tokens", 256, "--cache", fisher_cache,
+                        "--steps", 1, "--warmup", 0, "--threads", 2, "--batch", 2))
+    peaks = {arm: r[key]["peak_rss_mib"] for arm, key in (("native", "native"), ("torch", "torch_fp32"),
+                                                          ("plain", "plain_two_forwards"))}
+    assert peaks["torch"] > 2 * peaks["native"] and peaks["torch"] > 2 * peaks["plain"], peaks   # no shared peak
+    assert r["native"]["g"] and r["torch_fp32"]["g"]
+
+
+def test_mask_coverage(tiny_q4, tmp_path):
+    bench("mask_coverage", "--model", tiny_q4.path, "--calib-tokens", 256, "--seq-len", 64, "--task-examples", 4,
+          "--densities", 0.01, "--json", tmp_path / "cov.json")
+    rows = json.loads((tmp_path / "cov.json").read_text())["rows"]
+    assert [r["scope"] for r in rows] == ["global", "per-matrix"]
+    assert all(r["oracle"] >= r["fisher"] and r["oracle"] >= r["random"] for r in rows)   # nothing beats the oracle
+
+
+def test_mask_tune_and_quant_choice(tiny_q4, tiny, tmp_path):
+    r = last_json(bench("mask_tune", "--source", tiny_q4.path, "--masks", "random", "--steps", 2, "--max-tokens", 32,
+                        "--work", tmp_path / "mt", "--extra", "--lr", "1e-3", "--eps", "1e-2"))
+    assert r["rows"][0]["steps"] == 2 and r["summary"]["random"]["test_loss_after_mean"] > 0
+    q = last_json(bench("quant_choice", "--model", tiny.path, "--eval-tokens", 256, "--rounds", 1))
+    assert set(q["types"]) == {"Q4_0", "Q4_1"} and all(t["tokens_per_s"] > 0 for t in q["types"].values())
+
+
+def test_compare_methods_and_its_torch_arms(tiny_q4, tmp_path):
+    bundle, models = tmp_path / "bundle", tmp_path / "models"
+    bench("compare_methods", "prepare", "-o", bundle, "--models", "--source", f"tiny={tiny_q4.path}",
+          "--masks", "random", "--task-sizes", 12, 6, 6, "--work", tmp_path / "work", "--chunks", tmp_path / "chunks",
+          "--chunk-mib", 1)
+    blob = tmp_path / "blob"
+    pieces = sorted((p for p in (tmp_path / "chunks").iterdir() if p.is_dir()), key=lambda p: int(p.name))
+    blob.write_bytes(b"".join((p / "part").read_bytes() for p in pieces))   # as run_device.sh's receive stages do
+    bench("gpu.carry", "join", bundle / "manifest.json", blob, models)
+    assert (models / tiny_q4.path.name).read_bytes() == tiny_q4.path.read_bytes()
+    bench("compare_methods", "run", "--bundle", bundle, "--models-dir", models, "--models", "tiny", "--tasks", "spam",
+          "--methods", "zero-shot", "zo-random", "--seeds", 0, "--steps", 2, "--eps", "1e-2", "--gpu-layers", 0,
+          "--max-tokens", 32, "--work", tmp_path / "runs")
+    lines = [json.loads(x) for x in (bundle / "results.jsonl").read_text().splitlines()]
+    assert {x["method"] for x in lines} == {"zero-shot", "zo-random"}
+    bench("torch_arms", models / tiny_q4.path.name, bundle / "tasks" / "spam", "--methods", "icl", "mezo-full", "adam",
+          "--seeds", 0, "--steps", 1, "--probe-steps", 1, "--max-tokens", 32, "--out", tmp_path / "torch.jsonl",
+          "--tag", "tiny")
+    torch_lines = [json.loads(x) for x in (tmp_path / "torch.jsonl").read_text().splitlines()]
+    assert [x["method"] for x in torch_lines] == ["icl", "mezo-full", "adam"]
+    bench("compare_methods", "report", bundle / "results.jsonl", tmp_path / "torch.jsonl", "--out", tmp_path / "report")
+    table = json.loads((tmp_path / "report" / "compare.json").read_text())["table"]["tiny"]["spam"]
+    assert set(table) == {"zero-shot", "zo-random", "icl", "mezo-full", "adam"}
+
+
+def test_distributed(tiny_q4):
+    r = json.loads(bench("distributed", "--model", tiny_q4.path, "--workers", 1, 2, "--steps", 3, "--directions", 2,
+                         "--cores", 2, "--rounds", 3, "--no-dense").strip().splitlines()[-1])
+    assert [x["workers"] for x in r["results"]] == [1, 2] and r["results"][1]["scalar_bytes_per_worker_per_step"] > 0
+    assert r["exchange_only"][0]["workers"] == 2
+
+
+def test_gpu_scripts_on_the_cpu(tiny_q4, tmp_path):
+    made = tmp_path / "random.gguf"
+    bench("gpu.make_models", "tiny", made, "--tokenizer", tiny_q4.path)
+    r = last_json(bench("gpu.unified_check", "--model", made, "--gpu-layers", 0, "--seqs", 3, "--tokens", 16))
+    assert r["per_sequence"]["batched_repeatable"] and r["unified"]["batched_repeatable"]
