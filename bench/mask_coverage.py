@@ -118,7 +118,7 @@ def main(argv=None) -> int:
                                                          select(halves[1], density, scope)), 4)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
-    result = {"model": str(model_path), "task": args.task, "task_examples": len(task),
+    result = {"model": Path(model_path).name, "task": args.task, "task_examples": len(task),
               "task_target_tokens": sum(e.n_targets for e in task), "calibration": corpus.source,
               "calibration_tokens": corpus.train_tokens, "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
     cols = ["density", "scope", "fisher", "magnitude", "random", "task-fisher", "oracle", "fisher halves overlap"]

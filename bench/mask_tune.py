@@ -86,7 +86,7 @@ def main(argv=None) -> None:
                 "valid_acc_before": valid_rows[0].get("valid_accuracy"), "valid_acc_after": valid_rows[-1].get("valid_accuracy"),
                 "tune_wall_s": round(wall, 1),
                 "peak_rss_mib": round(max(m.get("peak_rss_mib", 0) for m in metrics), 1),
-                "run": str(run),
+                "run": run.name,
             })
             print(json.dumps(rows[-1]), flush=True)
 
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
             "test_loss_after_std": round(statistics.stdev(loss), 4) if len(loss) > 1 else 0.0,
             "test_acc_after_mean": round(statistics.mean(acc), 4) if acc else None,
         }
-    result = {"model": source.name, "task": str(task), "test_examples": before["examples"],
+    result = {"model": source.name, "task": "spam, the demo's split (seed 0)", "test_examples": before["examples"],
               "cpu_threads": os.cpu_count(), "extra_flags": args.extra, "rows": rows, "summary": summary}
     print(json.dumps(result, indent=1))
     if args.out:

@@ -5,8 +5,8 @@ It is also the one door between the project's two sides. The device side
 (edge_zo/: the native gateway, runtime, adapters, data, SPSA, trainer, export)
 never imports the workstation side (converters/: Hugging Face folders, torch,
 Fisher, dense writing), which builds on it. `convert` lives on the workstation
-side, and so does the Fisher mask of `tune --mask-from-data`: both are imported
-here by name, only when they are called."""
+side, and so does the Fisher mask of `tune --mask-from-data`: the tables below
+name their modules, which are imported only when called."""
 from __future__ import annotations
 
 import importlib
@@ -24,9 +24,17 @@ USAGE = "usage: edge-zo COMMAND [options]   (edge-zo COMMAND --help for each)\n\
     f"  {name:<10} {doc}" for name, (_, doc) in COMMANDS.items())
 
 
+# What the device side asks of the workstation side: function name -> its module, imported when called.
+WORKSTATION = {"fisher_sidecar": "converters.mask"}
+
+
 def fisher_sidecar(model, examples, density: float = 1e-3):
-    """`tune --mask-from-data`: a Fisher mask on the training rows, as a sidecar (converters.mask)."""
-    return importlib.import_module("converters.mask").fisher_sidecar(model, examples, density=density)
+    """`tune --mask-from-data`: a Fisher mask on the training rows, as a sidecar (needs torch)."""
+    return _workstation("fisher_sidecar")(model, examples, density=density)
+
+
+def _workstation(name: str):
+    return getattr(importlib.import_module(WORKSTATION[name]), name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 # torch, but no registry. One call runs the stages named, in order:
 #
 #   bash bench/gpu/run_device.sh setup kernels test
-#   bash bench/gpu/run_device.sh setup models "py overhead --model /tmp/edge-zo-models/smollm2_q4_0.gguf --gpu-layers 99 --random-tokens"
+#   bash bench/gpu/run_device.sh setup models "py overhead --model @MODELS/smollm2_q4_0.gguf --gpu-layers 99 --random-tokens"
 #
 # Stages:
 #   setup     carried wheels into /tmp/site; llama.cpp (llama-cpp-python 0.3.36's tree) built with CUDA
@@ -18,7 +18,8 @@
 #   receive   append the carried piece $EDGE_ZO_XFER/part to $MODELS/received.blob
 #   fallback  the native core built without the CUDA kernels, against the same llama.cpp:
 #             bench.gpu.fallback_check (the host-copy path Metal and Vulkan take)
-#   "py NAME ARGS..."  python3 -m bench.NAME ARGS (one quoted argument), its log in bench/out/gpu/NAME.log
+#   "py NAME ARGS..."  python3 -m bench.NAME ARGS (one quoted argument; @MODELS stands for $MODELS), its log
+#             in bench/out/gpu/NAME.log
 # Inputs (bench/gpu/prepare_carry.sh makes them) in $EDGE_ZO_CARRY (default .carry): whl/*.whl,
 # llama.cpp.tar.gz, smollm2-vocab.gguf, ggml-vocab-llama-spm.gguf, corpora.tar.xz, and optionally
 # llama-cuda-libs.tar.xz. Results in bench/out/gpu, packed as $OUT/results.tgz where $OUT is set.
@@ -205,7 +206,7 @@ for s in "$@"; do
         models) models ;;
         receive) receive ;;
         fallback) fallback ;;
-        "py "*) read -r -a words <<< "${s#py }"; py "${words[@]}" ;;
+        "py "*) read -r -a words <<< "${s#py }"; py "${words[@]//@MODELS/$MODELS}" ;;
         *) echo "unknown stage $s"; exit 2 ;;
     esac
 done
