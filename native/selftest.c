@@ -415,6 +415,53 @@ static void test_batching(ez_model *m, const loss_set *ls, int exact, double *ba
     check(bits_equal(loss_of(m, ls), *base), "loss: a repeated evaluation is bit-identical", "");
 }
 
+/* ez_next_logprobs after each sequence's prefix must equal -ez_loss of the next token alone,
+ * for every sequence in one batch (two decodes), and refuse bad candidates. */
+static void test_next_logprobs(ez_model *m, const loss_set *ls, int exact) {
+    enum { K = 3 };
+    int32_t start[N_SEQ + 1] = {0}, cand[N_SEQ * K], cand_start[N_SEQ + 1] = {0};
+    int32_t *prefix = malloc((size_t)ls->seq_start[N_SEQ] * sizeof *prefix);
+    double logp[N_SEQ * K];
+    if (!check(prefix != NULL, "next_logprobs: allocation", "")) return;
+    /* Sequence s's prefix: all but its last token; candidates: that token and two others. */
+    for (int s = 0; s < N_SEQ; s++) {
+        const int32_t a = ls->seq_start[s], len = ls->seq_start[s + 1] - a - 1;
+        memcpy(prefix + start[s], ls->tokens + a, (size_t)len * sizeof *prefix);
+        start[s + 1] = start[s] + len;
+        for (int k = 0; k < K; k++) cand[s * K + k] = (ls->tokens[a + len] + 97 * k) % ez_n_vocab(m);
+        cand_start[s + 1] = (s + 1) * K;
+    }
+    int rc = ez_next_logprobs(m, prefix, start, N_SEQ, cand, cand_start, logp);
+    double worst = 0.0;
+    int ok = check(rc == EZ_OK, "next_logprobs: four sequences, three candidates each", "%s", ez_last_error());
+    for (int s = 0; s < N_SEQ && ok; s++)
+        for (int k = 0; k < K; k++) {
+            int32_t toks[256];
+            uint8_t tg[256] = {0};
+            const int32_t len = start[s + 1] - start[s], range[2] = {0, len + 1};
+            double nll;
+            int32_t count;
+            memcpy(toks, prefix + start[s], (size_t)len * sizeof *toks);
+            toks[len] = cand[s * K + k];
+            tg[len] = 1;
+            ok &= ez_loss(m, toks, tg, range, 1, &nll, &count) == EZ_OK && count == 1 && logp[s * K + k] < 0.0;
+            worst = fmax(worst, fabs(-nll - logp[s * K + k]));
+        }
+    /* The last token's logits come from the same graph either way; batch widths differ, so float
+     * matmuls may tile differently (as in test_batching). */
+    check(ok && worst <= (exact ? 0.0 : 1e-4), "next_logprobs: equal to -ez_loss of the one-token completion",
+          "max difference %.3g", worst);
+    int32_t bad[N_SEQ * K];
+    memcpy(bad, cand, sizeof bad);
+    bad[1] = ez_n_vocab(m);
+    expect_error(ez_next_logprobs(m, prefix, start, N_SEQ, bad, cand_start, logp), EZ_ERR_INVALID,
+                 "candidate token", "next_logprobs: a candidate out of range");
+    int32_t none[N_SEQ + 1] = {0, 0, K, 2 * K, 3 * K};
+    expect_error(ez_next_logprobs(m, prefix, start, N_SEQ, cand, none, logp), EZ_ERR_INVALID,
+                 "has no candidates", "next_logprobs: a sequence without candidates");
+    free(prefix);
+}
+
 static void test_sparse_errors(ez_model *m, const weight *q, const loss_set *ls, double base) {
     int64_t idx[4] = {0, 1, 2, 3}, slot = -7;
     float v[4] = {1, 1, 1, 1};
@@ -748,6 +795,7 @@ int main(int argc, char **argv) {
         double base = NAN;
         test_batching(m, &ls, exact, &base);
         test_loss_errors(m, &ls, base);
+        test_next_logprobs(m, &ls, exact);
         test_sparse_errors(m, &ws[1], &ls, base);
         test_wrong_shape(m, &ws[1], &ls, base, "MUL_MAT");
         test_wrong_shape(m, &ws[0], &ls, base, "GET_ROWS");

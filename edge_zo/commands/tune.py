@@ -110,6 +110,8 @@ class _Job:
     searches: dict = dataclasses.field(default_factory=dict)   # what --eps/--lr auto found, for run.json
     argv: list = dataclasses.field(default_factory=list)       # the command line, for the resume hint
     valid_rows: list | None = None     # the training rows held out for validation (None: a --valid file)
+    started: float = 0.0               # time.perf_counter() when the command started (metrics.jsonl elapsed_s)
+    valid_choice_names: list = dataclasses.field(default_factory=list)   # each validation row's choices, if any
 
     def say(self, msg: str) -> None:
         if self.world.is_main:
@@ -148,6 +150,9 @@ def _run(s: TuneSettings, resume: bool, world: World, team: Team | None, *, argv
             valid_ex = tok.examples(valid_ds)
         job = _attach(s, world, team, out, rt, train_ex, valid_ex, sidecar_path)
         job.argv, job.valid_rows = list(argv), None if valid_ds is not None else [int(i) for i in va]
+        job.started = t_start
+        valid_records = valid_ds.records if valid_ds is not None else [train_ds.records[i] for i in va]
+        job.valid_choice_names = [r.fields.get("choices") for r in valid_records]
         if not allow_other_base:
             job.sidecar.check_base(rt.info.sha256(), s.model, str(job.sidecar_path))
         identity = _identity(job)
@@ -160,7 +165,10 @@ def _run(s: TuneSettings, resume: bool, world: World, team: Team | None, *, argv
         if not world.is_main:
             return 0
         plot = run_dir.plot_losses(out)
+        shown = _answers_before_after(job, state, [r.fields.get("prompt", "") for r in valid_records])
     _summary(job, state, time.perf_counter() - t_start, plot)
+    if shown:
+        job.say("held-out rows, the model's answer before -> after tuning:\n" + shown)
     return 0
 
 
@@ -310,6 +318,7 @@ def _train(job: _Job, state: LoopState, resume: bool, deadline: float | None) ->
         if "step_seconds" in rec:
             rec["tokens_per_s"] = tokens_per_step / rec["step_seconds"]
         rec["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rec["elapsed_s"] = round(time.perf_counter() - job.started, 3)   # since this command started: searches count
         run_dir.append_metrics(out, rec)
         if "valid_loss" in rec:
             acc = f"  valid acc {rec['valid_accuracy']:.3f}" if "valid_accuracy" in rec else ""
@@ -370,6 +379,30 @@ def _train(job: _Job, state: LoopState, resume: bool, deadline: float | None) ->
     finally:
         if bar is not None:
             bar.close()
+
+
+def _answers_before_after(job: _Job, state: LoopState, prompts: list[str], rows: int = 4) -> str:
+    """A few validation rows with choices, each with the answer the model picks with zero deltas
+    and with the best ones: what tuning changed, in words."""
+    picked = [i for i, e in enumerate(job.valid_ex) if e.choices][:rows]
+    if not picked:
+        return ""
+    examples = [job.valid_ex[i] for i in picked]
+    live = job.deltas.values
+    live[:] = 0.0
+    before = job.rt.choice_scores(examples)
+    live[:] = state.best
+    after = job.rt.choice_scores(examples)
+    lines = []
+    for i, e, b, a in zip(picked, examples, before, after):
+        record_choices = job.valid_choice_names[i] if job.valid_choice_names else None
+        name = (lambda k: repr(record_choices[k].strip())) if record_choices else (lambda k: f"choice {k}")
+        text = " ".join(prompts[i].split())
+        text = text if len(text) <= 70 else text[:67] + "..."
+        mark = "right" if int(np.argmax(a)) == e.answer else "wrong"
+        lines.append(f"  {text!r}: {name(int(np.argmax(b)))} -> {name(int(np.argmax(a)))} "
+                     f"(expected {name(e.answer)}, {mark})")
+    return "\n".join(lines)
 
 
 def _summary(job: _Job, state: LoopState, seconds: float, plot) -> None:
