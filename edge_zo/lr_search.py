@@ -19,12 +19,17 @@ from .trainer import LoopConfig, LoopState, batch_indices, train
 LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
 LR_BACK_OFF = 1
 PROBE_STEPS = 20
+MIN_PROBE_STEPS = 5
+# Under --time the searches may take this share of the budget; the lr probes shrink to fit it.
+SEARCH_SHARE = 0.25
 
 
 def search_lr(loop: LoopConfig, live: np.ndarray, n_examples: int, loss: Callable[[np.ndarray], float],
-              say: Callable[[str], None], grid: tuple[float, ...] = LR_GRID) -> tuple[float, dict]:
-    """(the chosen rate, a record for run.json); `live` is left at zero."""
-    probe_steps = min(PROBE_STEPS, loop.steps)
+              say: Callable[[str], None], grid: tuple[float, ...] = LR_GRID,
+              probe_steps: int = PROBE_STEPS) -> tuple[float, dict]:
+    """(the chosen rate, a record for run.json); `live` is left at zero. `probe_steps` is
+    shortened by a time-budgeted run (tune's --time) to what its share of the budget allows."""
+    probe_steps = max(1, min(probe_steps, loop.steps))
     probe = batch_indices(loop.seed, 10**6, n_examples, max(loop.batch_size, 16))
     results = {}
     for lr in grid:
@@ -48,3 +53,9 @@ def search_lr(loop: LoopConfig, live: np.ndarray, n_examples: int, loss: Callabl
         "since rates at the edge drift over longer runs")
     return chosen, {"probe_steps": probe_steps, "losses": {str(k): v for k, v in results.items()}, "best": best,
                     "chosen": chosen}
+
+
+def probe_steps_within(seconds: float, seconds_per_step: float, grid: tuple[float, ...] = LR_GRID) -> int:
+    """Probe steps per grid rate that fit `seconds` (at least MIN_PROBE_STEPS, at most PROBE_STEPS)."""
+    fit = int(seconds / max(len(grid) * seconds_per_step, 1e-9))
+    return max(MIN_PROBE_STEPS, min(PROBE_STEPS, fit))

@@ -52,3 +52,11 @@ def test_budget_spent_by_the_searches_is_an_error(toy, tmp_path, capsys):  # noq
     assert cli(["tune", str(toy["model"]), str(toy["data"]), "--sidecar", str(toy["sidecar"]), "-o",
                 str(tmp_path / "r"), "--quiet", "--time", "1s"]) == 1
     assert "was spent by the searches" in capsys.readouterr().err
+
+
+def test_lr_probes_shrink_to_their_share_of_the_budget():
+    from edge_zo.lr_search import LR_GRID, MIN_PROBE_STEPS, PROBE_STEPS, probe_steps_within
+
+    assert probe_steps_within(3600, 0.1) == PROBE_STEPS                   # plenty of time: the full probes
+    assert probe_steps_within(len(LR_GRID) * 8 * 2.0, 2.0) == 8           # 8 steps per rate fit exactly
+    assert probe_steps_within(1.0, 5.0) == MIN_PROBE_STEPS                # never fewer than the floor

@@ -234,8 +234,16 @@ def _searched(job: _Job, resume: bool, deadline: float | None) -> TuneSettings:
         elif name == "eps":
             s = dataclasses.replace(s, eps=_search_eps(job, s))
         else:
+            steps = lr_search.PROBE_STEPS
+            if deadline is not None:  # the probes get their share of the budget, measured by one step's time
+                t = time.perf_counter()
+                job.loss(batch_indices(s.seed, 0, len(job.shard), s.batch_size))
+                step_seconds = 2 * s.directions * (time.perf_counter() - t)
+                share = lr_search.SEARCH_SHARE * s.time_seconds()
+                steps = lr_search.probe_steps_within(share, step_seconds)
+                job.say(f"--lr auto: {steps} probe steps per rate fit a {share:.0f} s share of --time {s.time}")
             lr, job.searches["lr"] = lr_search.search_lr(s.loop(), job.deltas.values, len(job.shard), job.loss,
-                                                         job.say)
+                                                         job.say, probe_steps=steps)
             s = dataclasses.replace(s, lr=lr)
     if deadline is not None and time.perf_counter() >= deadline:
         raise EdgeZoError(f"--time {s.time} was spent by the searches of --eps/--lr auto before any step; give "
