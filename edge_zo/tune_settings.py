@@ -108,8 +108,8 @@ class TuneSettings:
 RESULT_FIELDS = ("objective", "steps", "batch_size", "lr", "eps", "optimizer", "schedule", "warmup", "directions",
                  "seed", "eval_every", "save_every", "patience", "max_tokens", "chat", "valid_fraction", "valid_max",
                  "density")
-# Settings a --resume may change without changing what the steps so far computed.
-RESUMABLE = ("steps", "time", "patience", "eval_every", "save_every")
+# Settings a --resume may change without changing what the run computes (more steps extend it).
+RESUMABLE = ("steps", "time", "save_every")   # eval_every and patience pick the best step: not these
 FIELDS = {f.name: f for f in dataclasses.fields(TuneSettings)}
 _INT, _FLOAT = {"steps", "patience", "batch_size", "warmup", "directions", "seed", "eval_every", "save_every",
                 "max_tokens", "valid_max", "threads", "gpu_layers"}, {"density", "valid_fraction", "dist_timeout"}
