@@ -1,6 +1,6 @@
 """`--lr auto`: the learning rate, from short tuning runs before the real one.
 
-Each rate of LR_GRID runs a short SPSA run from θ = 0 (at the run's ε, on its batches);
+Each rate of the optimizer's grid (GRIDS) runs a short SPSA run from θ = 0 (at the run's ε, on its batches);
 the rate whose loss on a fixed probe batch ends lowest wins, diverged runs lose, and the
 run tunes one grid step below it: a 20-step probe rewards rates that are only stable for
 20 steps. Measured over 300 steps (docs/tune.md): SmolLM2's probe picked 1e-4 on 5 of 6
@@ -14,9 +14,13 @@ from collections.abc import Callable
 import numpy as np
 
 from .errors import EdgeZoError
+from .spsa import Optimizer
 from .trainer import LoopConfig, LoopState, batch_indices, train
 
-LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
+LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)       # SGD and momentum: θ moves by lr·g·z
+# Adam and sign steps move each coordinate by about lr whatever the loss's scale: a grid in weight units.
+STEP_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+GRIDS = {Optimizer.SGD: LR_GRID, Optimizer.MOMENTUM: LR_GRID, Optimizer.ADAM: STEP_GRID, Optimizer.SIGN: STEP_GRID}
 LR_BACK_OFF = 1
 PROBE_STEPS = 20
 MIN_PROBE_STEPS = 5
@@ -25,10 +29,10 @@ SEARCH_SHARE = 0.25
 
 
 def search_lr(loop: LoopConfig, live: np.ndarray, n_examples: int, loss: Callable[[np.ndarray], float],
-              say: Callable[[str], None], grid: tuple[float, ...] = LR_GRID,
-              probe_steps: int = PROBE_STEPS) -> tuple[float, dict]:
+              say: Callable[[str], None], probe_steps: int = PROBE_STEPS) -> tuple[float, dict]:
     """(the chosen rate, a record for run.json); `live` is left at zero. `probe_steps` is
     shortened by a time-budgeted run (tune's --time) to what its share of the budget allows."""
+    grid = GRIDS[loop.optimizer]
     probe_steps = max(1, min(probe_steps, loop.steps))
     probe = batch_indices(loop.seed, 10**6, n_examples, max(loop.batch_size, 16))
     results = {}

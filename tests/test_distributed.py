@@ -34,7 +34,7 @@ STEPS = 40
 
 def _args(toy, out, *extra):
     return [str(toy["model"]), str(toy["data"]), "--sidecar", str(toy["sidecar"]), "-o", str(out), "--quiet",
-            "--lr", "1e-2", "--steps", str(STEPS), "--save-every", "8", "--eval-every", "20", "--threads", "1", *extra]
+            "--optimizer", "sgd", "--lr", "1e-2", "--steps", str(STEPS), "--save-every", "8", "--eval-every", "20", "--threads", "1", *extra]
 
 
 def _env(**extra):

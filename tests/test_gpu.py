@@ -304,7 +304,7 @@ def test_short_tune_on_gpu(smollm2_shape, tmp_path):
             weights[n] = (rng.choice(size, size // 1000, replace=False), np.zeros(size // 1000, np.float32))
     SparseAdapter.from_weights("llama", weights).save(tmp_path / "sidecar.gguf")
     common = [str(smollm2_shape), str(data), "--valid", str(data), "--sidecar", str(tmp_path / "sidecar.gguf"),
-              "--steps", "20", "--batch-size", "6", "--eval-every", "10", "--save-every", "20", "--lr", "1e-3",
+              "--steps", "20", "--batch-size", "6", "--eval-every", "10", "--save-every", "20", "--optimizer", "sgd", "--lr", "1e-3",
               "--eps", "1e-2", "--max-tokens", "64", "--quiet"]
     assert cli.main(["tune", *common, "-o", str(tmp_path / "gpu"), "--gpu-layers", "99"]) == 0
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}

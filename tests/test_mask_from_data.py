@@ -17,7 +17,7 @@ def test_mask_from_data_builds_a_fisher_sidecar_and_learns(tiny_q4, tmp_path, ca
     data = write_jsonl(tmp_path / "toy.jsonl", TOY)
     out = tmp_path / "run"
     assert cli(["tune", str(tiny_q4.path), str(data), "--mask-from-data", "--density", "0.01", "-o", str(out),
-                "--steps", "20", "--lr", "1e-2", "--quiet", "--eval-every", "20"]) == 0
+                "--steps", "20", "--optimizer", "sgd", "--lr", "1e-2", "--quiet", "--eval-every", "20"]) == 0
     assert "--mask-from-data" in capsys.readouterr().err
     mask = SparseAdapter.load(out / "mask.gguf")
     assert mask.metadata[Sparse.MASK_METHOD] == "fisher" and not np.any(mask.values)

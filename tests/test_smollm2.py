@@ -80,15 +80,13 @@ def test_generate_with_and_without_adapter(smollm2, tmp_path, capsys):
 
 def test_tune_learns_personal_facts_with_default_settings(smollm2, tmp_path, capsys):
     """The product's main job on a real model: the facts are news to SmolLM2, and a short
-    run with the default ε and optimizer must teach it some of them. (The lr is fixed at
-    1e-4: 40 steps at `--lr auto`'s pick would be too short to show, and its search is
-    tested on the toy model.)"""
+    run with the default ε, optimizer and learning rate must teach it some of them."""
     from edge_zo import run_dir
 
     data = write_jsonl(tmp_path / "facts.jsonl", FACTS)
     out = tmp_path / "run"
     assert cli(["tune", str(smollm2), str(data), "--valid", str(data), "--mask-from-data", "-o", str(out),
-                "--steps", "40", "--batch-size", "6", "--max-tokens", "32", "--eval-every", "40", "--lr", "1e-4",
+                "--steps", "40", "--batch-size", "6", "--max-tokens", "32", "--eval-every", "40",
                 "--quiet"]) == 0
     valid = [r["valid_loss"] for r in run_dir.read_metrics(out) if "valid_loss" in r]
     assert valid[-1] < valid[0] - 0.1, valid  # measured: 3.862 -> 3.669 (ε 3e-3), 3.661 (ε 1e-2)

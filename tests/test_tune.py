@@ -47,7 +47,7 @@ def toy(tmp_path_factory, tiny_q4):
 
 def _tune(toy, out, *extra):
     argv = ["tune", str(toy["model"]), str(toy["data"]), "--sidecar", str(toy["sidecar"]), "-o", str(out),
-            "--quiet", "--lr", "1e-2", "--eval-every", "10", *extra]
+            "--quiet", "--optimizer", "sgd", "--lr", "1e-2", "--eval-every", "10", *extra]
     return cli(argv)
 
 
@@ -102,7 +102,7 @@ def test_every_optimizer_makes_progress(toy, tmp_path, optimizer, lr):
 
 def _spawn(toy, out, steps, *extra):
     cmd = [sys.executable, "-m", "edge_zo", "tune", str(toy["model"]), str(toy["data"]), "--sidecar",
-           str(toy["sidecar"]), "-o", str(out), "--quiet", "--lr", "1e-2", "--steps", str(steps),
+           str(toy["sidecar"]), "-o", str(out), "--quiet", "--optimizer", "sgd", "--lr", "1e-2", "--steps", str(steps),
            "--save-every", "4", "--eval-every", "100", "--threads", "1", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -137,8 +137,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(toy, tmp_path, how):
 
 def test_bad_inputs(toy, tmp_path, capsys):
     model, data = str(toy["model"]), str(toy["data"])
-    assert cli(["tune", model, data, "-o", str(tmp_path / "x")]) == 1
-    assert "no sidecar" in capsys.readouterr().err and "edge-zo convert" in capsys.readouterr().err + "edge-zo convert"
+    # (no sidecar at all is no longer an error: tune builds an activation mask, tests/test_activation_mask.py)
     assert _tune(toy, tmp_path / "y", "--lr", "fast") == 1
     assert "--lr must be a number or 'auto'" in capsys.readouterr().err
     assert _tune(toy, tmp_path / "y", "--eps", "tiny") == 1
@@ -191,13 +190,13 @@ def test_warns_when_the_validation_loss_rises(toy, tmp_path, capsys):
     assert rise_warning(valid[:1], 1e-4, 300) is None
 
 
-def test_eps_and_lr_auto_are_the_defaults_and_are_kept_on_resume(toy, tmp_path, capsys):
+def test_eps_auto_is_the_default_and_the_searches_are_kept_on_resume(toy, tmp_path, capsys):
     from edge_zo.commands.tune import LR_GRID
 
     out = tmp_path / "auto"
     base = ["tune", str(toy["model"]), str(toy["data"]), "--sidecar", str(toy["sidecar"]), "-o", str(out),
-            "--quiet", "--eval-every", "4"]
-    assert cli([*base, "--steps", "6"]) == 0  # no --lr: the search runs (6-step probes, as steps < 20)
+            "--quiet", "--eval-every", "4", "--optimizer", "sgd", "--lr", "auto"]
+    assert cli([*base, "--steps", "6"]) == 0  # --lr auto: the search runs (6-step probes, as steps < 20)
     err = capsys.readouterr().err
     assert err.count("lr search: lr") == len(LR_GRID), err
     assert err.index("--eps auto: ε") < err.index("lr search"), err   # the lr probes run at the chosen ε

@@ -14,7 +14,9 @@ Examples:
                                                  # 4 workers share each step's directions (docs/distributed.md)
 
 The sparse coordinates come from the model's sidecar (DIR/sidecar.gguf beside
-DIR/model.gguf, made by `edge-zo convert`), or --sidecar FILE.
+DIR/model.gguf, made by `edge-zo convert`), or --sidecar FILE; a model without one
+(a stock GGUF) gets an activation mask that tune builds once, in seconds and without
+torch, and caches by the model's SHA-256 ($EDGE_ZO_CACHE/masks, docs/mask.md).
 Outputs in -o DIR: deltas.gguf (the validated best; use with --adapter), run.json,
 metrics.jsonl, loss.png, trajectory.json and checkpoint.npz.
 Every option is also a key of the --config YAML file (tune.example.yaml).
@@ -38,7 +40,7 @@ from ..constants import Sparse
 from ..dataset import Tokenizer, load_jsonl
 from ..distributed import Team, World
 from ..errors import DivergedError, EdgeZoError, InvalidInputError, WorkerLostError
-from ..lr_search import LR_GRID  # noqa: F401  (the grid `--lr auto` searches, named by the docs and tests)
+from ..lr_search import LR_GRID  # noqa: F401  (the grid `--lr auto` searches for sgd, named by the docs and tests)
 from ..model_info import ModelInfo, file_sha256
 from ..runtime import Runtime, RuntimeOptions
 from ..trainer import Interrupted, LoopConfig, LoopState, batch_indices, gather_local, train
@@ -131,11 +133,9 @@ def _run(s: TuneSettings, resume: bool, world: World, team: Team | None, *, argv
     ModelInfo.open(s.model)   # a missing or unreadable model is told before any advice about its sidecar
     train_ds = load_jsonl(s.data)
     valid_ds = load_jsonl(s.valid) if s.valid else None
-    sidecar_path = find_sidecar(Path(s.model), s.sidecar)
+    sidecar_path = find_sidecar(Path(s.model), s.sidecar, cached=False)
     if sidecar_path is None and not s.mask_from_data:
-        raise InvalidInputError(
-            f"no sidecar beside {s.model}: make one with `edge-zo convert {s.model} -o DIR` and tune DIR/model.gguf, "
-            "pass --sidecar FILE, or let tune pick coordinates from the training data with --mask-from-data")
+        sidecar_path = _automatic_mask(s, world)
     out = Path(s.output or Path("runs") / Path(s.data).stem)
     opts = RuntimeOptions(batch_size=s.batch_size, max_tokens=s.max_tokens, threads=s.threads,
                           gpu_layers=s.gpu_layers, kv_f32=s.kv_f32, verbose=s.verbose)
@@ -170,6 +170,19 @@ def _run(s: TuneSettings, resume: bool, world: World, team: Team | None, *, argv
     if shown:
         job.say("held-out rows, the model's answer before -> after tuning:\n" + shown)
     return 0
+
+
+def _automatic_mask(s: TuneSettings, world: World) -> Path:
+    """No sidecar given or beside the model: the model's activation mask (edge_zo.activation_mask,
+    torch-free, llama.cpp's own forwards), built once per model file and density and cached by the
+    file's SHA-256; the model is used as it is (a `--split keep` sidecar: zero values)."""
+    from .. import activation_mask
+
+    def say(msg: str) -> None:
+        if world.is_main:
+            print(f"edge-zo tune: {msg}", file=sys.stderr, flush=True)
+
+    return activation_mask.ensure(Path(s.model), density=s.density, threads=s.threads, say=say)
 
 
 def _attach(s, world, team, out, rt, train_ex, valid_ex, sidecar_path) -> _Job:
@@ -240,7 +253,7 @@ def _searched(job: _Job, resume: bool, deadline: float | None) -> TuneSettings:
                 job.loss(batch_indices(s.seed, 0, len(job.shard), s.batch_size))
                 step_seconds = 2 * s.directions * (time.perf_counter() - t)
                 share = lr_search.SEARCH_SHARE * s.time_seconds()
-                steps = lr_search.probe_steps_within(share, step_seconds)
+                steps = lr_search.probe_steps_within(share, step_seconds, lr_search.GRIDS[s.loop().optimizer])
                 job.say(f"--lr auto: {steps} probe steps per rate fit a {share:.0f} s share of --time {s.time}")
             lr, job.searches["lr"] = lr_search.search_lr(s.loop(), job.deltas.values, len(job.shard), job.loss,
                                                          job.say, probe_steps=steps)
