@@ -2,12 +2,14 @@
 
 Only forward passes run: each step perturbs the sensitive sparse values along
 a seeded random direction z, measures the loss at θ+εz and θ−εz, and moves θ
-by −lr·(L+−L−)/(2ε)·z. The dense 4-bit weights are never touched.
+along −(L+−L−)/(2ε)·z (ZO-Adam by default: per-weight steps of about lr). Rows
+with choices are tuned on the cross-entropy over their choices. The dense
+4-bit weights are never touched.
 
 Examples:
   edge-zo tune                                   # the embedded demo (SmolLM2 + a real task)
   edge-zo tune model.gguf train.jsonl -o runs/me --time 10m
-  edge-zo tune model.gguf train.jsonl --valid valid.jsonl --optimizer adam --lr 1e-4
+  edge-zo tune model.gguf train.jsonl --valid valid.jsonl --optimizer sgd --lr auto
   edge-zo tune model.gguf train.jsonl -o runs/me --resume   # continue a killed run
   edge-zo tune model.gguf train.jsonl --config tune.yaml    # settings from YAML; flags win
   torchrun --standalone --nproc-per-node 4 -m edge_zo tune model.gguf train.jsonl -o runs/me --directions 4
@@ -19,7 +21,7 @@ DIR/model.gguf, made by `edge-zo convert`), or --sidecar FILE; a model without o
 torch, and caches by the model's SHA-256 ($EDGE_ZO_CACHE/masks, docs/mask.md).
 Outputs in -o DIR: deltas.gguf (the validated best; use with --adapter), run.json,
 metrics.jsonl, loss.png, trajectory.json and checkpoint.npz.
-Every option is also a key of the --config YAML file (tune.example.yaml).
+Every option is also a key of the --config YAML file (docs/tune.example.yaml).
 """
 from __future__ import annotations
 
