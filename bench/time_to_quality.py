@@ -7,7 +7,7 @@ each arm in its own process under the same time budget, searches and loading inc
                 every other setting at its default; tested with `edge-zo eval ... --adapter RUN/deltas.gguf`
   edge-zo-nll   the same with `--objective nll` (the objective before `choices`)
   mezo-sparse   MeZO's ZO-SGD on the sidecar's own coordinates (torch float32; edge-zo's directions and
-                batches, ε 1e-3, `--lr auto`'s grid)
+                batches, ε 1e-3, the grid `edge-zo tune --optimizer sgd --lr auto` searches)
   mezo-full     MeZO's ZO-SGD on every parameter (torch float32, ε 1e-3; the best state it keeps is a
                 second copy of the weights)
   lora-adam     first-order LoRA (rank 8, alpha 16, q k v o gate up down) with Adam (torch float32)

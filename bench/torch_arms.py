@@ -331,7 +331,7 @@ def main(argv=None) -> None:
 # same prompt from one forward of the prompt).
 
 BUDGET_GRIDS = {
-    "mezo-sparse": None,                  # edge-zo tune --lr auto's grid (edge_zo.lr_search.LR_GRID)
+    "mezo-sparse": None,                  # what `edge-zo tune --optimizer sgd --lr auto` searches (lr_search.LR_GRID)
     "mezo-full": (1e-6, 1e-5, 1e-4),      # around what compare_methods' 7-value grid picked (3e-7 ... 3e-5)
     "lora-adam": (1e-4, 3e-4, 1e-3),      # the usual LoRA-with-Adam range
 }
