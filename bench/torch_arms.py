@@ -412,10 +412,10 @@ def target_logits(model, examples: list[Example], device):
 def choice_scores(model, examples: list[Example], device) -> list[torch.Tensor]:
     """Per example, the mean log-likelihood per token of each choice: Runtime.choice_scores in torch
     (with a graph when grad is on)."""
-    from edge_zo.runtime import _single_token_choices   # the product's rule for the one-forward case
+    from edge_zo.runtime import single_token_choices   # the product's rule for the one-forward case
 
     out: list[torch.Tensor | None] = [None] * len(examples)
-    single = [i for i, e in enumerate(examples) if _single_token_choices(e)]
+    single = [i for i, e in enumerate(examples) if single_token_choices(e)]
     if single:
         logits, _, _ = target_logits(model, [examples[i].choices[0] for i in single], device)   # one target each
         logp = torch.log_softmax(logits, dim=-1)

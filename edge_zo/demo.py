@@ -17,7 +17,7 @@ from .errors import EdgeZoError
 # Within 15 minutes on 2 cores, the one-time mask included: ten minutes of tuning (`--time`), at the
 # defaults (the choices objective, ZO-Adam at lr 1e-3: docs/objective.md) but for ε, fixed at the 5e-3
 # that `--eps auto` picks for this model and task (docs/fidelity.md), which saves its ~100 forwards.
-DEMO_SETTINGS = {"time": "10m", "steps": 400, "eval_every": 20, "save_every": 20, "max_tokens": 96, "eps": 5e-3}
+DEMO_SETTINGS = {"time": "10m", "eval_every": 20, "save_every": 20, "max_tokens": 96, "eps": 5e-3}
 TASK_SIZES = {"n_train": 256, "n_valid": 32, "n_test": 96}
 CALIB_TOKENS = 4096
 

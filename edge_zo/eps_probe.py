@@ -43,6 +43,8 @@ LINEAR_GROWTH = (STEP ** 0.5, STEP ** 1.5)   # rms ratio of a pair of rungs in t
 # (9e-3, 2.7e-2), where 64 directions against autograd gave r 0.96 near the first, 0.66 at 2.7e-2.
 TIE = 0.03
 DIRECTIONS = 12
+MIN_DIRECTIONS = 6           # a time-budgeted run's probe (tune --time) uses no fewer
+TYPICAL_RUNGS = 5            # the ladder's 4 rungs, and often one more
 POOR_AGREEMENT = 0.7         # below: the estimates will be noisy whatever ε is (r ≲ 0.85)
 # The probe's directions come from their own stream (index), so a run's directions stay those of
 # a fixed-ε run with the same seed.
@@ -134,6 +136,12 @@ def choose_eps_live(live: np.ndarray, batch_loss: Callable[[int], float], seed: 
         return choose_eps(loss_at, len(live), seed, directions)
     finally:
         live[:] = theta
+
+
+def directions_within(seconds: float, forward_seconds: float) -> int:
+    """Directions whose ± forwards over a typical ladder fit `seconds` (MIN_DIRECTIONS … DIRECTIONS)."""
+    fit = int(seconds / max(2 * TYPICAL_RUNGS * forward_seconds, 1e-9))
+    return max(MIN_DIRECTIONS, min(DIRECTIONS, fit))
 
 
 def warning(choice: EpsChoice) -> str | None:

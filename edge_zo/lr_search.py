@@ -24,8 +24,8 @@ GRIDS = {Optimizer.SGD: LR_GRID, Optimizer.MOMENTUM: LR_GRID, Optimizer.ADAM: ST
 LR_BACK_OFF = 1
 PROBE_STEPS = 20
 MIN_PROBE_STEPS = 5
-# Under --time the searches may take this share of the budget; the lr probes shrink to fit it.
-SEARCH_SHARE = 0.25
+# Under --time each search (ε, then lr) may take this share of the budget, and shrinks to fit it.
+SEARCH_SHARE = 0.15
 
 
 def search_lr(loop: LoopConfig, live: np.ndarray, n_examples: int, loss: Callable[[np.ndarray], float],

@@ -123,7 +123,7 @@ class Runtime:
         if not examples or any(not e.choices for e in examples):
             raise InvalidInputError("every example needs 'choices' to be scored by them")
         scores: list[np.ndarray | None] = [None] * len(examples)
-        single = [i for i, e in enumerate(examples) if _single_token_choices(e)]
+        single = [i for i, e in enumerate(examples) if single_token_choices(e)]
         if single:
             prompts = [examples[i].choices[0].tokens[:-1] for i in single]
             start = np.cumsum([0] + [len(t) for t in prompts]).astype(np.int32)
@@ -165,7 +165,7 @@ class Runtime:
             yield pending.decode("utf-8", "replace")
 
 
-def _single_token_choices(e: Example) -> bool:
+def single_token_choices(e: Example) -> bool:
     """Every choice is the same prompt plus one scored token."""
     first = e.choices[0]
     return all(len(c.tokens) == len(first.tokens) and c.n_targets == 1 and c.targets[-1] == 1

@@ -46,7 +46,8 @@ class TuneSettings:
                           "(NLL of the completion over the whole vocabulary) or 'auto': choices when every "
                           "training row has them (docs/objective.md)",
                           choices=(AUTO, *(o.value for o in Objective)))
-    steps: int = _opt(200, "SPSA steps (the most; --time and early stopping may end the run sooner)")
+    steps: int = _opt(200, "SPSA steps (the most; --time and early stopping may end the run sooner; with --time "
+                      "and no --steps, the budget alone ends the run)")
     time: str | None = _opt(None, "wall-clock budget, probes and validation included: 90s, 10m, 1h or seconds; the "
                             "run validates and stops when it is spent")
     patience: int = _opt(0, "stop after this many validations without a new best validation loss (0: never)")
@@ -107,6 +108,8 @@ class TuneSettings:
         return None if self.time is None else parse_duration(self.time)
 
 
+# --steps when --time is given without it: the budget ends the run, not a step count.
+STEPS_UNDER_TIME = 1_000_000
 # Settings that change the deltas (the others name files, or change speed and display only).
 RESULT_FIELDS = ("objective", "steps", "batch_size", "lr", "eps", "optimizer", "schedule", "warmup", "directions",
                  "seed", "eval_every", "save_every", "patience", "max_tokens", "chat", "valid_fraction", "valid_max",
@@ -166,6 +169,8 @@ def resolve(args: argparse.Namespace, config: dict | None = None, fill: dict | N
                 values[name] = _convert(name, f, v)
             except InvalidInputError as exc:
                 raise InvalidInputError(prefix + str(exc)) from None
+    if "time" in values and "steps" not in values:
+        values["steps"] = STEPS_UNDER_TIME   # the budget decides; a schedule then spans this many
     s = TuneSettings(**values)
     for name in _AT_LEAST_1:
         if getattr(s, name) < 1:

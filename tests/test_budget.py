@@ -60,3 +60,17 @@ def test_lr_probes_shrink_to_their_share_of_the_budget():
     assert probe_steps_within(3600, 0.1) == PROBE_STEPS                   # plenty of time: the full probes
     assert probe_steps_within(len(LR_GRID) * 8 * 2.0, 2.0) == 8           # 8 steps per rate fit exactly
     assert probe_steps_within(1.0, 5.0) == MIN_PROBE_STEPS                # never fewer than the floor
+
+
+def test_time_without_steps_lets_the_budget_end_the_run_and_shrinks_the_eps_probe():
+    import argparse
+
+    from edge_zo.eps_probe import DIRECTIONS, MIN_DIRECTIONS, directions_within
+    from edge_zo.tune_settings import STEPS_UNDER_TIME, TuneSettings, resolve
+
+    assert resolve(argparse.Namespace(time="10m")).steps == STEPS_UNDER_TIME
+    assert resolve(argparse.Namespace(time="10m", steps=50)).steps == 50
+    assert resolve(argparse.Namespace()).steps == TuneSettings().steps
+    assert directions_within(3600, 0.1) == DIRECTIONS
+    assert directions_within(8 * 2 * 5 * 1.0, 1.0) == 8
+    assert directions_within(1.0, 10.0) == MIN_DIRECTIONS

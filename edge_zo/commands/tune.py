@@ -116,6 +116,7 @@ class _Job:
     valid_rows: list | None = None     # the training rows held out for validation (None: a --valid file)
     started: float = 0.0               # time.perf_counter() when the command started (metrics.jsonl elapsed_s)
     valid_choice_names: list = dataclasses.field(default_factory=list)   # each validation row's choices, if any
+    forward_seconds: float | None = None   # one training batch's forward, timed when --time needs it
 
     def say(self, msg: str) -> None:
         if self.world.is_main:
@@ -247,15 +248,18 @@ def _searched(job: _Job, resume: bool, deadline: float | None) -> TuneSettings:
             job.searches[name] = saved.get(f"{name}_search")
             job.say(f"--{name} auto: resuming at the run's {name} {getattr(s, name):g}")
         elif name == "eps":
-            s = dataclasses.replace(s, eps=_search_eps(job, s))
+            directions = eps_probe.DIRECTIONS
+            if deadline is not None:  # the probe gets its share of the budget, measured by one forward's time
+                share = lr_search.SEARCH_SHARE * s.time_seconds()
+                directions = eps_probe.directions_within(share, _forward_seconds(job, s))
+                job.say(f"--eps auto: {directions} directions fit a {share:.0f} s share of --time {s.time}")
+            s = dataclasses.replace(s, eps=_search_eps(job, s, directions))
         else:
             steps = lr_search.PROBE_STEPS
             if deadline is not None:  # the probes get their share of the budget, measured by one step's time
-                t = time.perf_counter()
-                job.loss(batch_indices(s.seed, 0, len(job.shard), s.batch_size))
-                step_seconds = 2 * s.directions * (time.perf_counter() - t)
                 share = lr_search.SEARCH_SHARE * s.time_seconds()
-                steps = lr_search.probe_steps_within(share, step_seconds, lr_search.GRIDS[s.loop().optimizer])
+                steps = lr_search.probe_steps_within(share, 2 * s.directions * _forward_seconds(job, s),
+                                                     lr_search.GRIDS[s.loop().optimizer])
                 job.say(f"--lr auto: {steps} probe steps per rate fit a {share:.0f} s share of --time {s.time}")
             lr, job.searches["lr"] = lr_search.search_lr(s.loop(), job.deltas.values, len(job.shard), job.loss,
                                                          job.say, probe_steps=steps)
@@ -266,10 +270,19 @@ def _searched(job: _Job, resume: bool, deadline: float | None) -> TuneSettings:
     return s
 
 
-def _search_eps(job: _Job, s: TuneSettings) -> float:
+def _forward_seconds(job: _Job, s: TuneSettings) -> float:
+    """Seconds of one forward of a training batch (timed once), to fit searches into --time."""
+    if job.forward_seconds is None:
+        t = time.perf_counter()
+        job.loss(batch_indices(s.seed, 0, len(job.shard), s.batch_size))
+        job.forward_seconds = time.perf_counter() - t
+    return job.forward_seconds
+
+
+def _search_eps(job: _Job, s: TuneSettings, directions: int = eps_probe.DIRECTIONS) -> float:
     """`--eps auto` (edge_zo.eps_probe) on the run's first batches, from θ = 0."""
-    batches = [batch_indices(s.seed, k, len(job.shard), s.batch_size) for k in range(eps_probe.DIRECTIONS)]
-    choice = eps_probe.choose_eps_live(job.deltas.values, lambda k: job.loss(batches[k]), s.seed)
+    batches = [batch_indices(s.seed, k, len(job.shard), s.batch_size) for k in range(directions)]
+    choice = eps_probe.choose_eps_live(job.deltas.values, lambda k: job.loss(batches[k]), s.seed, directions)
     job.say(f"--eps auto: ε {choice.eps:g}, between {choice.pair[0]:g} and {choice.pair[1]:g} whose loss "
             f"differences agree at {choice.agreement:.2f} ({choice.forwards} forwards)")
     note = eps_probe.warning(choice)
