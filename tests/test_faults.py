@@ -342,6 +342,9 @@ def test_tune_bad_inputs_leave_nothing_behind(toy, tmp_path, capsys):
     for extra, why in cases:
         out = tmp_path / "never"
         argv = _argv(toy, out, *([] if "--config" in extra else ["--steps", "1"]), *extra)
+        if "--config" in extra:   # the file's settings must not be overridden by _argv's flags
+            i = argv.index("--optimizer")
+            del argv[i: i + 2]
         rc, err = _cli(capsys, argv)
         assert rc == 1 and why in err, (extra, err)
         assert not out.exists(), extra
