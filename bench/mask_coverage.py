@@ -1,4 +1,4 @@
-"""How much of a real task's gradient a 0.1% mask covers: fisher vs random vs magnitude.
+"""How much of a real task's gradient a 0.1% mask covers: fisher vs activation vs random vs magnitude.
 
     python -m bench.mask_coverage                         # SmolLM2-135M, spam task, 8192 calibration tokens
     python -m bench.mask_coverage --task shakespeare --densities 0.0001 0.001 0.01 --json out.json
@@ -8,7 +8,10 @@ gradient's squared norm inside the mask bounds how much of the descent
 direction it can follow (Guo et al. 2024 report ~50% for a 0.1% Fisher mask on
 commonsense tasks). The masks are scored and selected by `edge-zo convert`'s own
 code (converters.fisher): fisher from the public-domain calibration corpus (not the
-task), magnitude from |w|, random from a seeded generator; all over every block matmul. The gradient
+task), magnitude from |w|, random from a seeded generator; all over every block matmul. activation is
+the torch-free W^2 * E[x^2] of edge_zo.activation_mask with E[x^2] from llama.cpp on the same calibration
+tokens as fisher; activation-auto is the mask `edge-zo tune` builds by itself (its own, smaller
+calibration settings, docs/mask.md). The gradient
 is that of the mean completion loss over `--task-examples` training rows of a
 different, real task from edge_zo.corpora. Two references frame the numbers:
 `task-fisher` (the Fisher of the task's own rows, what tune --mask-from-data
@@ -33,7 +36,7 @@ from converters import calib
 from converters.fisher import (Scope, coverage, fisher_scores, magnitude_scores, random_scores, select,
                                sequence_loss, target_parameters)
 from converters.torch_model import load_gguf
-from edge_zo import corpora
+from edge_zo import activation_mask, corpora
 from edge_zo.dataset import Tokenizer, load_jsonl
 from edge_zo.gguf_io import TensorFile
 from edge_zo.model_info import ModelInfo
@@ -96,6 +99,11 @@ def main(argv=None) -> int:
     with Runtime(model_path, RuntimeOptions(batch_size=1, max_tokens=args.seq_len)) as rt:
         corpus = calib.load(rt.native, None, args.calib_tokens, 0, args.seq_len)
         task = task_examples(rt.native, args.task, args.task_examples, args.seed)
+        print(f"activation statistics over the same {corpus.train_tokens} calibration tokens...", file=sys.stderr)
+        e_x2 = activation_mask.activation_stats(rt, [e.tokens for e in corpus.train], targets)
+    print("the automatic mask of edge-zo tune (edge_zo.activation_mask defaults)...", file=sys.stderr)
+    auto, auto_report = activation_mask.build_sidecar(model_path, log=lambda msg: None)
+    auto_mask = dict(zip(auto.names, auto.indices))
     model, names, layout = load_gguf(model_path)
     half = len(corpus.train) // 2
     print(f"Fisher over {corpus.train_tokens} calibration tokens ({len(corpus.train)} sequences)...", file=sys.stderr)
@@ -105,7 +113,8 @@ def main(argv=None) -> int:
     print(f"task gradient over {len(task)} {args.task} rows...", file=sys.stderr)
     g2 = task_gradient(model, names, targets, task, layout)
     with TensorFile(model_path, info.header) as tf:
-        scores = {"fisher": fisher, "magnitude": magnitude_scores(tf.tensors, targets),
+        activation = {n: np.square(tf.tensors[n].dequantize()) * e_x2[n].astype(np.float32) for n in targets}
+        scores = {"fisher": fisher, "activation": activation, "magnitude": magnitude_scores(tf.tensors, targets),
                   "random": random_scores({n: tf.tensors[n].shape for n in targets}, args.seed),
                   "task-fisher": fisher_scores(model, names, layout, targets, task, progress=False), "oracle": g2}
     rows = []
@@ -114,19 +123,25 @@ def main(argv=None) -> int:
             row = {"density": density, "scope": scope.value}
             for method, s in scores.items():
                 row[method] = round(coverage(g2, select(s, density, scope)), 4)
+            if density == activation_mask.DEFAULT.density and scope is Scope.GLOBAL:
+                row["activation-auto"] = round(coverage(g2, auto_mask), 4)
+            row["activation/fisher overlap"] = round(overlap(select(scores["fisher"], density, scope),
+                                                             select(scores["activation"], density, scope)), 4)
             row["fisher halves overlap"] = round(overlap(select(halves[0], density, scope),
                                                          select(halves[1], density, scope)), 4)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     result = {"model": Path(model_path).name, "task": args.task, "task_examples": len(task),
               "task_target_tokens": sum(e.n_targets for e in task), "calibration": corpus.source,
-              "calibration_tokens": corpus.train_tokens, "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
-    cols = ["density", "scope", "fisher", "magnitude", "random", "task-fisher", "oracle", "fisher halves overlap"]
+              "calibration_tokens": corpus.train_tokens, "activation_auto": auto_report,
+              "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+    cols = ["density", "scope", "fisher", "activation", "activation-auto", "magnitude", "random", "task-fisher",
+            "oracle", "fisher halves overlap", "activation/fisher overlap"]
     print(f"\n{Path(model_path).name}, task gradient: {args.task} ({len(task)} rows), "
           f"Fisher: {corpus.train_tokens} calibration tokens\n")
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
-        print("| " + " | ".join(f"{r[c]:.1%}" if isinstance(r[c], float) and c != "density" else str(r[c])
+        print("| " + " | ".join(f"{r[c]:.1%}" if isinstance(r.get(c), float) and c != "density" else str(r.get(c, "-"))
                                 for c in cols) + " |")
     if args.json:
         write_json(args.json, result)

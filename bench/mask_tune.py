@@ -4,7 +4,7 @@
     python -m bench.mask_tune --steps 200 --seeds 0 1 2 --out docs/tune-mask.json
 
 Runs the product's own commands, as a user would:
-  1. `edge-zo convert --mask fisher|random` of the source (0.1%, global; the Fisher one on
+  1. `edge-zo convert --mask fisher|activation|random` of the source (0.1%, global; the Fisher one on
      the demo's 4,096 calibration tokens, so it is the demo's split);
   2. `edge-zo tune MODEL train.jsonl --valid valid.jsonl --sidecar SIDECAR` with the same settings;
   3. `edge-zo eval` on the held-out test split, untuned (model + sidecar) and tuned (+ deltas).
@@ -42,7 +42,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--max-tokens", type=int, default=demo.DEMO_SETTINGS["max_tokens"])
-    ap.add_argument("--masks", nargs="+", default=["fisher", "random"], choices=["fisher", "random", "magnitude"])
+    ap.add_argument("--masks", nargs="+", default=["fisher", "random"],
+                    choices=["fisher", "activation", "random", "magnitude"])
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `edge-zo tune` flags, e.g. --lr 3e-4")
     ap.add_argument("--source", type=Path, default=None, help="GGUF model to convert (default: SmolLM2-135M Q4_1)")
     ap.add_argument("--calib-tokens", type=int, default=demo.CALIB_TOKENS, help="of the Fisher mask")

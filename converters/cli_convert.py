@@ -15,9 +15,10 @@ Examples:
   edge-zo convert SmolLM2-135M-Instruct.Q4_1.gguf -o smollm2-zo
   edge-zo convert ./Llama-3.2-1B -o llama-zo --calib my_notes.txt --calib-tokens 16384
   edge-zo convert model.gguf -o out --mask random --scope per-matrix      # a baseline mask
+  edge-zo convert model.gguf -o out --mask activation --split keep        # no torch needed
   edge-zo eval smollm2-zo/model.gguf valid.jsonl --adapter smollm2-zo/sidecar.gguf
 
-Needs the convert extra (torch, transformers): pip install 'edge-zo[convert]'.
+The Fisher mask needs the convert extra (torch, transformers): pip install 'edge-zo[convert]'.
 An interrupted run can be restarted with the same command: the mask, the slow
 part, is kept in OUTDIR/.work until the outputs are in place.
 """
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a GGUF model (F32, F16, BF16, Q8_0, Q4_0, Q4_1, K-quants) or a Hugging Face "
                                   "model folder (config.json + *.safetensors; llama family or gemma3)")
     p.add_argument("-o", "--outdir", required=True, help="folder for model.gguf, sidecar.gguf and convert.json")
-    g = p.add_argument_group("calibration (Fisher mask only)")
+    g = p.add_argument_group("calibration (Fisher and activation masks)")
     g.add_argument("--calib", metavar="FILE", default=None,
                    help="calibration text: a plain UTF-8 text file, or JSONL in edge-zo's data formats (a "
                         "task's own data; loss on its targets). Default: a public-domain corpus of Moby-Dick "
@@ -64,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("mask")
     g.add_argument("--density", type=float, default=None,
                    help="share of the target weights made sparse-trainable (default 0.001 = 0.1%%)")
-    g.add_argument("--mask", choices=["fisher", "random", "magnitude"], default=None,
-                   help="how coordinates are ranked: fisher (default), random, or |weight|; the last two are "
-                        "baselines and need no torch")
+    g.add_argument("--mask", choices=[m.value for m in MaskMethod], default=None,
+                   help="how coordinates are ranked: fisher (default; torch), activation (W^2 * E[x^2] with E[x^2] "
+                        "from llama.cpp's forwards on the calibration text, no torch; what tune builds for a model "
+                        "without a sidecar, docs/mask.md), random, or |weight|; the last two are baselines")
     g.add_argument("--scope", choices=["global", "per-matrix"], default=None,
                    help="rank all target weights together (global, default) or keep the same share of "
                         "every matrix (per-matrix)")

@@ -25,6 +25,7 @@ from edge_zo.errors import InvalidInputError
 
 class MaskMethod(enum.Enum):
     FISHER = "fisher"
+    ACTIVATION = "activation"   # W^2 * E[x^2] from llama.cpp's forwards: edge_zo.activation_mask (no torch)
     RANDOM = "random"
     MAGNITUDE = "magnitude"
 

@@ -4,7 +4,8 @@ One implementation for `edge-zo convert` (on calibration text), `edge-zo tune
 --mask-from-data` (on the task's own rows) and the benchmarks:
 - `compute`: scores by `MaskSpec.method` (fisher: torch autograd on the GGUF
   dequantized to float32, once torch and llama.cpp agree on the loss of the first
-  sequence; magnitude: |w|; random), then the top `density` share (`fisher.select`);
+  sequence; activation: W^2 * E[x^2] with E[x^2] from llama.cpp, edge_zo.activation_mask;
+  magnitude: |w|; random), then the top `density` share (`fisher.select`);
 - `key`, `save`, `load`: a finished mask kept as an .npz under a key of everything
   that determines it, so an interrupted run or a benchmark does not score again;
 - `sidecar_metadata`: what a sidecar says about its mask, assembled here alone;
@@ -57,6 +58,8 @@ def compute(tf: TensorFile, targets: list[str], spec: MaskSpec, examples: list[E
                       spec.scope), {}
     if spec.method is MaskMethod.MAGNITUDE:
         return select(magnitude_scores(tf.tensors, targets), spec.density, spec.scope), {}
+    if spec.method is MaskMethod.ACTIVATION:
+        return _activation_mask(tf.path, targets, spec, examples, threads, log), {}
     if not examples:
         raise InvalidInputError("a Fisher mask needs calibration sequences with target tokens")
     import torch
@@ -77,6 +80,21 @@ def compute(tf: TensorFile, targets: list[str], spec: MaskSpec, examples: list[E
     scores = fisher_scores(model, names, layout, targets, examples, progress=progress)
     del model
     return select(scores, spec.density, spec.scope), parity
+
+
+def _activation_mask(path: Path, targets: list[str], spec: MaskSpec, examples: list[Example] | None, threads: int,
+                     log) -> dict[str, np.ndarray]:
+    """The torch-free mask (edge_zo.activation_mask) on the calibration sequences; selected from
+    scores streamed a few rows at a time, as fisher.select would from whole arrays."""
+    from edge_zo import activation_mask
+
+    if not examples:
+        raise InvalidInputError("an activation mask needs calibration sequences")
+    log(f"activation statistics (llama.cpp) over {sum(len(e.tokens) for e in examples)} tokens "
+        f"({len(examples)} sequences)")
+    with activation_mask.stats_runtime(path, max(len(e.tokens) for e in examples), threads) as rt:
+        e_x2 = activation_mask.activation_stats(rt, [e.tokens for e in examples], targets, log=log)
+    return activation_mask.select_top(path, e_x2, spec.density, per_matrix=spec.scope is Scope.PER_MATRIX)
 
 
 def check_parity(torch_loss: float, native_loss: float) -> None:
@@ -102,13 +120,14 @@ def _log(msg: str) -> None:
 # ---- the cache ----
 
 _META = "__meta__"
+_CALIBRATED = (MaskMethod.FISHER, MaskMethod.ACTIVATION)   # the masks that read calibration text
 
 
 def key(source_sha: str, spec: MaskSpec, targets: list[str], calib: dict | None = None) -> str:
     """A name for the mask of these settings; `calib` describes the Fisher's text (ignored by the others)."""
     parts = {"source": source_sha, "method": spec.method.value, "density": spec.density, "scope": spec.scope.value,
              "targets": targets, "seed": spec.seed}
-    if spec.method is MaskMethod.FISHER:
+    if spec.method in _CALIBRATED:
         parts |= calib or {}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -142,7 +161,7 @@ def sidecar_metadata(spec: MaskSpec, split: Split, source_sha: str, calib_source
                      calib_sha: str | None = None, base_model_sha: str | None = None) -> dict:
     meta = {Sparse.ROLE: "sidecar", Sparse.MASK_METHOD: spec.method.value, Sparse.MASK_DENSITY: float(spec.density),
             Sparse.MASK_SCOPE: spec.scope.value, Sparse.SPLIT: split.value, Sparse.SOURCE_SHA256: source_sha}
-    if spec.method is MaskMethod.FISHER:
+    if spec.method in _CALIBRATED:
         meta |= {Sparse.CALIB_SOURCE: calib_source, Sparse.CALIB_TOKENS: int(calib_tokens)}
         if calib_sha:
             meta[Sparse.CALIB_SHA256] = calib_sha

@@ -128,9 +128,6 @@ class NativeModel:
         return {"host": int(lib.ez_host_count(m)), "cuda": int(lib.ez_cuda_count(m)),
                 "fallback": int(lib.ez_fallback_count(m))}
 
-    def is_eog(self, token: int) -> bool:
-        return bool(lib.ez_token_is_eog(self._live(), int(token)))
-
     # ---- text ----
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> np.ndarray:
@@ -240,6 +237,38 @@ class NativeModel:
                                     ffi.from_buffer("int32_t[]", cand), ffi.from_buffer("int32_t[]", cand_start),
                                     ffi.from_buffer("double[]", logp)))
         return np.split(logp, cand_start[1:-1])
+
+    def activation_sumsq(self, tokens, seq_start, weights: list[tuple[str, int]],
+                         outputs=None) -> tuple[list[np.ndarray], np.ndarray]:
+        """Per-column sums of squared inputs of the matmuls of `weights` [(GGUF name, n_in)] over
+        forwards of the sequences (see ez_activation_sumsq): ([float64 array of n_in sums per
+        weight], int64 token columns each weight saw). `outputs` (one flag per token, optional)
+        asks for logits at more positions than each sequence's last."""
+        tok = _array(tokens, np.int32, "tokens")
+        start = _array(seq_start, np.int32, "seq_start")
+        n_seq = len(start) - 1
+        if n_seq < 1 or start[-1] != len(tok):
+            raise InvalidInputError("tokens and seq_start do not describe the same batch")
+        out = None
+        if outputs is not None:
+            out = _array(outputs, np.uint8, "outputs")
+            if len(out) != len(tok):
+                raise InvalidInputError(f"{len(out)} output flags for {len(tok)} tokens")
+        if not weights:
+            raise InvalidInputError("no weights to gather activation statistics for")
+        n_in = _array([int(n) for _, n in weights], np.int64, "n_in")
+        if np.any(n_in < 1):
+            raise InvalidInputError("every weight needs at least one input column")
+        keep = [ffi.new("char[]", str(name).encode()) for name, _ in weights]
+        names = ffi.new("const char *[]", keep)
+        sumsq = np.zeros(int(n_in.sum()), dtype=np.float64)
+        count = np.zeros(len(weights), dtype=np.int64)
+        _check(lib.ez_activation_sumsq(self._live(), ffi.from_buffer("int32_t[]", tok),
+                                       ffi.NULL if out is None else ffi.from_buffer("uint8_t[]", out),
+                                       ffi.from_buffer("int32_t[]", start), n_seq, names,
+                                       ffi.from_buffer("int64_t[]", n_in), len(weights),
+                                       ffi.from_buffer("double[]", sumsq), ffi.from_buffer("int64_t[]", count)))
+        return np.split(sumsq, np.cumsum(n_in)[:-1]), count
 
     def generate(self, prompt, *, max_tokens: int, temperature: float, top_p: float, seed: int):
         """Yield generated token ids until end of generation or max_tokens."""

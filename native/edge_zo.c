@@ -77,6 +77,8 @@ struct ez_model {
     /* An error raised inside the eval callback, reported after llama_decode. */
     int cb_failed;
     char cb_error[256];
+    /* Set only during ez_activation_sumsq: the weights whose inputs it gathers. */
+    struct ez_stats *stats;
     /* Generation state. */
     int gen_active;
     int32_t gen_pos;
@@ -400,14 +402,87 @@ done:
     free(own_i);
 }
 
+/* ---- activation statistics (ez_activation_sumsq) ---------------------------- */
+
+typedef struct ez_stats {
+    int32_t n_w;
+    const char *const *names; /* borrowed from the caller for the duration of the call */
+    const int64_t *n_in;
+    int64_t *offset;          /* n_w + 1 offsets into sumsq */
+    double *sumsq;
+    int64_t *count;
+} ez_stats;
+
+static int32_t stats_find(const ez_stats *st, const char *name) {
+    for (int32_t w = 0; w < st->n_w; w++)
+        if (strcmp(st->names[w], name) == 0) return w;
+    return -1;
+}
+
+/* Columns per block of the sums below: each thread owns whole blocks, and every column is
+ * summed in token order, so the result does not depend on the thread count. */
+#define EZ_STATS_BLOCK 64
+
+/* sumsq[j] += sum over tokens of x[j]^2, x = t->src[1] (the matmul's input), in double. */
+static void stats_add(ez_model *m, const struct ggml_tensor *t, int32_t w) {
+    ez_stats *st = m->stats;
+    const struct ggml_tensor *x = t->src[1];
+    if (t->op != GGML_OP_MUL_MAT) {
+        callback_fail(m, "%s: activation statistics of expert weights (%s) are not supported", st->names[w],
+                      ggml_op_name(t->op));
+        return;
+    }
+    if (x->type != GGML_TYPE_F32 || x->nb[0] != sizeof(float)) {
+        callback_fail(m, "%s: activation statistics need F32 inputs with a unit stride (got %s)", st->names[w],
+                      ggml_type_name(x->type));
+        return;
+    }
+    if (x->ne[0] != st->n_in[w]) {
+        callback_fail(m, "%s: its input has %lld columns but %lld were given", st->names[w], (long long)x->ne[0],
+                      (long long)st->n_in[w]);
+        return;
+    }
+    void *own = NULL;
+    const char *xb = x->data;
+    if (!on_host(x)) { /* a device buffer: copy it to the host (correct everywhere, not fast) */
+        own = malloc(ggml_nbytes(x));
+        if (!own) {
+            callback_fail(m, "%s: out of memory copying activations to the host", st->names[w]);
+            return;
+        }
+        ggml_backend_tensor_get(x, own, 0, ggml_nbytes(x));
+        xb = own;
+    }
+    const int64_t n_in = x->ne[0], n_tok = x->ne[1] * x->ne[2] * x->ne[3];
+    const int64_t n_blocks = (n_in + EZ_STATS_BLOCK - 1) / EZ_STATS_BLOCK;
+    double *acc = st->sumsq + st->offset[w];
+#pragma omp parallel for num_threads(m->n_threads) schedule(static) if (n_tok * n_in >= EZ_PARALLEL_MIN_WORK)
+    for (int64_t b = 0; b < n_blocks; b++) {
+        const int64_t j0 = b * EZ_STATS_BLOCK, j1 = j0 + EZ_STATS_BLOCK < n_in ? j0 + EZ_STATS_BLOCK : n_in;
+        double sum[EZ_STATS_BLOCK] = {0};
+        for (int64_t k = 0; k < n_tok; k++) {
+            const int64_t i1 = k % x->ne[1], i2 = (k / x->ne[1]) % x->ne[2], i3 = k / (x->ne[1] * x->ne[2]);
+            const float *row = (const float *)(xb + i1 * x->nb[1] + i2 * x->nb[2] + i3 * x->nb[3]);
+            for (int64_t j = j0; j < j1; j++) sum[j - j0] += (double)row[j] * (double)row[j];
+        }
+        for (int64_t j = j0; j < j1; j++) acc[j] += sum[j - j0];
+    }
+    st->count[w] += n_tok;
+    free(own);
+}
+
 static bool eval_callback(struct ggml_tensor *t, bool ask, void *user_data) {
     ez_model *m = user_data;
-    if (!m->slots || !is_observed_op(t)) return !ask; /* not ours: keep computing */
+    if ((!m->slots && !m->stats) || !is_observed_op(t)) return !ask; /* not ours: keep computing */
     char name[GGML_MAX_NAME];
     weight_name(t->src[0]->name, name);
-    if (!first_slot(m, name)) return !ask;
+    const bool patch = first_slot(m, name) != NULL;
+    /* GET_ROWS reads token ids, not activations: no statistics there. */
+    const int32_t stat = m->stats && t->op != GGML_OP_GET_ROWS ? stats_find(m->stats, name) : -1;
+    if (!patch && stat < 0) return !ask;
     if (ask) return true;
-    apply(m, t, name);
+    if (stat >= 0) stats_add(m, t, stat); /* reads the input, which apply leaves alone */
+    if (patch) apply(m, t, name);
     return true;
 }
 
@@ -915,4 +990,57 @@ int ez_generate_next(ez_model *m, int32_t *token) {
     }
     m->gen_pos++;
     return EZ_OK;
+}
+
+/* ---- activation statistics ------------------------------------------------- */
+
+static void ignore_rows(void *user, int32_t n, const int32_t *seq, const int32_t *at, const float **rows) {
+    (void)user;
+    (void)n;
+    (void)seq;
+    (void)at;
+    (void)rows;
+}
+
+int ez_activation_sumsq(ez_model *m, const int32_t *tokens, const uint8_t *outputs, const int32_t *seq_start,
+                        int32_t n_seq, const char *const *names, const int64_t *n_in, int32_t n_w, double *sumsq,
+                        int64_t *count) {
+    if (!tokens || !seq_start) return fail(EZ_ERR_INVALID, "no sequences given");
+    int rc = check_sequences(m, tokens, seq_start, n_seq);
+    if (rc != EZ_OK) return rc;
+    if (n_w < 1 || !names || !n_in || !sumsq || !count) return fail(EZ_ERR_INVALID, "no weights given");
+    int64_t *offset = malloc(((size_t)n_w + 1) * sizeof *offset);
+    if (!offset) return fail(EZ_ERR_NOMEM, "out of memory");
+    offset[0] = 0;
+    for (int32_t w = 0; w < n_w; w++) {
+        if (!names[w] || strlen(names[w]) >= GGML_MAX_NAME || n_in[w] < 1) {
+            free(offset);
+            return fail(EZ_ERR_INVALID, "weight %d: bad name or column count", w);
+        }
+        for (int32_t v = 0; v < w; v++)
+            if (strcmp(names[v], names[w]) == 0) {
+                free(offset);
+                return fail(EZ_ERR_INVALID, "weight %s is listed twice", names[w]);
+            }
+        offset[w + 1] = offset[w] + n_in[w];
+    }
+    memset(sumsq, 0, (size_t)offset[n_w] * sizeof *sumsq);
+    memset(count, 0, (size_t)n_w * sizeof *count);
+    const int32_t n_tok = seq_start[n_seq];
+    uint8_t *want = calloc((size_t)n_tok, 1);
+    if (!want) {
+        free(offset);
+        return fail(EZ_ERR_NOMEM, "out of memory");
+    }
+    for (int32_t s = 0; s < n_seq; s++) {
+        for (int32_t i = seq_start[s]; i < seq_start[s + 1]; i++) want[i] = outputs && outputs[i];
+        want[seq_start[s + 1] - 1] = 1; /* every decode needs an output */
+    }
+    ez_stats st = {n_w, names, n_in, offset, sumsq, count};
+    m->stats = &st;
+    rc = decode_sequences(m, tokens, want, seq_start, n_seq, ignore_rows, NULL);
+    m->stats = NULL;
+    free(want);
+    free(offset);
+    return rc;
 }

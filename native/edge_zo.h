@@ -90,4 +90,16 @@ int ez_generate_begin(ez_model *m, const int32_t *prompt, int32_t n, float tempe
                       float top_p, uint32_t seed);
 int ez_generate_next(ez_model *m, int32_t *token);
 
+/* Activation statistics, the input side of llama.cpp's imatrix: forwards of the sequences
+ * tokens[seq_start[s] .. seq_start[s+1]) (attached sparse deltas apply) and, for every
+ * MUL_MAT whose weight is names[w] (n_in[w] columns), sumsq[off(w) + j] receives the sum over
+ * the token columns it saw of x_j^2, x its input, with off(w) = n_in[0] + ... + n_in[w-1];
+ * count[w] receives how many token columns that was. Logits are computed where outputs[i]
+ * != 0 (outputs may be NULL) and at every sequence's last token; llama.cpp runs the last
+ * block's feed-forward only on those tokens, so count differs between weights. A weight
+ * used by MUL_MAT_ID (experts) fails; one never multiplied keeps count 0. */
+int ez_activation_sumsq(ez_model *m, const int32_t *tokens, const uint8_t *outputs, const int32_t *seq_start,
+                        int32_t n_seq, const char *const *names, const int64_t *n_in, int32_t n_w, double *sumsq,
+                        int64_t *count);
+
 #endif

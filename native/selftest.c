@@ -729,6 +729,118 @@ static void test_generate(ez_model *m, const weight *ws, const loss_set *ls, dou
     check(rc == EZ_OK && tok == -1, "generate: ez_loss ends a generation", "rc %d token %d", rc, tok);
 }
 
+/* ---- activation statistics ---------------------------------------------------- */
+
+#define N_STAT 4 /* blk.0.attn_q, attn_k, attn_v (one input tensor), the last block's ffn_down */
+
+typedef struct stats {
+    double *sumsq;
+    int64_t count[N_STAT];
+    int64_t n;
+} stats;
+
+static int run_stats(ez_model *m, const loss_set *ls, int32_t s0, int32_t s1, const uint8_t *outputs,
+                     const char *const *names, const int64_t *n_in, stats *st) {
+    int32_t start[N_SEQ + 1];
+    for (int32_t s = s0; s <= s1; s++) start[s - s0] = ls->seq_start[s] - ls->seq_start[s0];
+    const int rc = ez_activation_sumsq(m, ls->tokens + ls->seq_start[s0], outputs ? outputs + ls->seq_start[s0] : NULL,
+                                       start, s1 - s0, names, n_in, N_STAT, st->sumsq, st->count);
+    if (rc != EZ_OK) printf("     ez_activation_sumsq: %s\n", ez_last_error());
+    return rc == EZ_OK;
+}
+
+/* Largest |a - b| relative to max(|b|), over n values. */
+static double rel_diff(const double *a, const double *b, int64_t n) {
+    double d = 0.0, top = 1e-300;
+    for (int64_t i = 0; i < n; i++) {
+        d = fmax(d, fabs(a[i] - b[i]));
+        top = fmax(top, fabs(b[i]));
+    }
+    return d / top;
+}
+
+/* ez_activation_sumsq: counts as llama.cpp runs the graph, one input read alike by the matmuls
+ * that share it, the same sums however the sequences are batched, the first block's input
+ * untouched by a delta on its output while the last block's moves; and its refusals. */
+static void test_activation_sumsq(ez_model *m, const weight *ws, const loss_set *ls, int n_layer) {
+    char last[64];
+    snprintf(last, sizeof last, "blk.%d.ffn_down.weight", n_layer - 1);
+    const char *names[N_STAT] = {"blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight", last};
+    const int64_t n_in[N_STAT] = {ws[1].n_in, ws[1].n_in, ws[1].n_in, ws[2].n_in};
+    const int64_t n = 3 * ws[1].n_in + ws[2].n_in;
+    const int32_t n_tok = ls->seq_start[N_SEQ];
+    stats a = {0}, b = {0}, c = {0};
+    uint8_t *all = malloc((size_t)n_tok);
+    a.sumsq = calloc((size_t)n + 1, sizeof *a.sumsq); /* + 1: the refused call below asks for one column more */
+    b.sumsq = calloc((size_t)n + 1, sizeof *b.sumsq);
+    c.sumsq = calloc((size_t)n + 1, sizeof *c.sumsq);
+    delta d = {0};
+    if (!check(all && a.sumsq && b.sumsq && c.sumsq, "stats: allocate", "out of memory")) goto done;
+    memset(all, 1, (size_t)n_tok);
+
+    if (!check(run_stats(m, ls, 0, N_SEQ, NULL, names, n_in, &a), "stats: the loss set", "")) goto done;
+    const double *q = a.sumsq, *k = a.sumsq + n_in[0], *v = k + n_in[1], *down = v + n_in[2];
+    int finite = 1, positive = 0;
+    for (int64_t i = 0; i < n; i++) {
+        finite &= isfinite(a.sumsq[i]) && a.sumsq[i] >= 0.0;
+        positive += a.sumsq[i] > 0.0;
+    }
+    check(finite && positive > n / 2, "stats: sums of squares are finite, non-negative, mostly positive",
+          "%d of %lld positive", positive, (long long)n);
+    check(a.count[0] == n_tok && a.count[1] == n_tok && a.count[2] == n_tok,
+          "stats: the first block's matmuls see every token", "counts %lld %lld %lld of %d", (long long)a.count[0],
+          (long long)a.count[1], (long long)a.count[2], n_tok);
+    check(a.count[3] == N_SEQ, "stats: the last block's FFN sees only the tokens with logits (one per sequence)",
+          "count %lld", (long long)a.count[3]);
+    check(memcmp(q, k, (size_t)n_in[0] * sizeof *q) == 0 && memcmp(q, v, (size_t)n_in[0] * sizeof *q) == 0,
+          "stats: attn_q, attn_k and attn_v read the same input", "");
+
+    if (run_stats(m, ls, 0, N_SEQ, NULL, names, n_in, &b))
+        check(memcmp(a.sumsq, b.sumsq, (size_t)n * sizeof *a.sumsq) == 0 && b.count[0] == a.count[0],
+              "stats: written, not accumulated: a second call gives the same bits", "");
+    if (run_stats(m, ls, 0, N_SEQ, all, names, n_in, &b))
+        check(b.count[3] == n_tok && rel_diff(b.sumsq, q, n_in[0]) < 1e-12 && rel_diff(b.sumsq + 3 * n_in[0], down,
+              n_in[3]) > 1e-6, "stats: logits everywhere: the last FFN sees every token, the first block the same",
+              "count %lld", (long long)b.count[3]);
+    /* One sequence per call, summed: the same statistic as one call (up to summation order). */
+    memset(c.sumsq, 0, (size_t)n * sizeof *c.sumsq);
+    int64_t counts = 0;
+    int ok = 1;
+    for (int32_t s = 0; s < N_SEQ && ok; s++) {
+        ok = run_stats(m, ls, s, s + 1, NULL, names, n_in, &b);
+        for (int64_t i = 0; i < n && ok; i++) c.sumsq[i] += b.sumsq[i];
+        counts += b.count[0];
+    }
+    if (ok)
+        check(counts == n_tok && rel_diff(c.sumsq, a.sumsq, n) < 1e-6,
+              "stats: the same sums however sequences are batched", "relative difference %g",
+              rel_diff(c.sumsq, a.sumsq, n));
+
+    /* A delta on blk.0.attn_q changes what every later block reads, not what attn_q itself reads. */
+    if (spread_delta(&ws[1], 64, 0.5f, 7, &d) && add(m, &ws[1], &d)) {
+        if (run_stats(m, ls, 0, N_SEQ, NULL, names, n_in, &b))
+            check(memcmp(b.sumsq, q, (size_t)n_in[0] * sizeof *q) == 0 && rel_diff(b.sumsq + 3 * n_in[0], down,
+                  n_in[3]) > 1e-6, "stats: attached deltas apply (later inputs move, the first block's stay)", "");
+        ez_sparse_remove(m, d.slot);
+    }
+
+    const char *twice[N_STAT] = {names[0], names[1], names[0], names[3]};
+    expect_error(ez_activation_sumsq(m, ls->tokens, NULL, ls->seq_start, N_SEQ, twice, n_in, N_STAT, b.sumsq, b.count),
+                 EZ_ERR_INVALID, "listed twice", "stats: refuses a weight listed twice");
+    const int64_t wrong[N_STAT] = {n_in[0] + 1, n_in[1], n_in[2], n_in[3]};
+    expect_error(ez_activation_sumsq(m, ls->tokens, NULL, ls->seq_start, N_SEQ, names, wrong, N_STAT, c.sumsq, b.count),
+                 EZ_ERR_INVALID, "columns", "stats: refuses a column count that is not the weight's");
+    expect_error(ez_activation_sumsq(m, ls->tokens, NULL, ls->seq_start, N_SEQ, names, n_in, 0, b.sumsq, b.count),
+                 EZ_ERR_INVALID, "no weights", "stats: refuses an empty weight list");
+    check(isfinite(loss_of(m, ls)), "stats: the model still evaluates after a refused call", "%s", ez_last_error());
+done:
+    delta_free(&d);
+    free(all);
+    free(a.sumsq);
+    free(b.sumsq);
+    free(c.sumsq);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: %s MODEL.gguf [--threads N]\n", argv[0]);
@@ -801,6 +913,7 @@ int main(int argc, char **argv) {
         test_wrong_shape(m, &ws[0], &ls, base, "GET_ROWS");
         test_sparse(m, ws, n_w, &ls, base, model_path, &p);
         test_generate(m, ws, &ls, base);
+        test_activation_sumsq(m, ws, &ls, n_layer);
         test_quantize(model_path, &p, &ls, base);
     }
     free(ls.tokens);

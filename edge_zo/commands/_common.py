@@ -3,7 +3,9 @@
 A model that `edge-zo convert` made has its sidecar beside it (DIR/sidecar.gguf beside
 DIR/model.gguf): under the default `--split zero` the model alone lacks its most sensitive
 weights. So tune, eval, generate and export find that sidecar the same way (`find_sidecar`),
-attach it unless told otherwise, and say which adapters they attached.
+attach it unless told otherwise, and say which adapters they attached. A stock model without
+one has the mask tune built and cached for it (edge_zo.activation_mask; zero values, so
+attaching it changes no output), found the same way.
 """
 from __future__ import annotations
 
@@ -64,18 +66,31 @@ def runtime_options(args, **overrides) -> RuntimeOptions:
 
 def add_sidecar_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sidecar", action="store_true",
-                   help="leave out the sidecar found beside the model (DIR/sidecar.gguf or MODEL.sidecar.gguf), "
-                        "which is otherwise attached first unless an --adapter already holds a sidecar's values")
+                   help="leave out the sidecar found beside the model (DIR/sidecar.gguf or MODEL.sidecar.gguf) or "
+                        "cached for it by tune, which is otherwise attached first unless an --adapter already holds "
+                        "a sidecar's values")
 
 
-def find_sidecar(model: Path, explicit: str | None) -> Path | None:
-    """`explicit`, else the sidecar `edge-zo convert` wrote beside `model`, else None."""
+def find_sidecar(model: Path, explicit: str | None, cached: bool = True) -> Path | None:
+    """`explicit`, else the sidecar `edge-zo convert` wrote beside `model`, else (unless `cached`
+    is False) the mask `edge-zo tune` built for this model file and cached by its SHA-256
+    (edge_zo.activation_mask), else None."""
     if explicit:
         return Path(explicit)
     for cand in (model.parent / "sidecar.gguf", model.with_suffix(".sidecar.gguf")):
         if cand.is_file():
             return cand
+    if cached:
+        from ..activation_mask import cached_sidecar
+
+        return cached_sidecar(model)
     return None
+
+
+def _is_cached(path: str) -> bool:
+    from ..activation_mask import mask_dir
+
+    return Path(path).parent == mask_dir()
 
 
 def adapter_paths(args) -> list[str]:
@@ -90,7 +105,9 @@ def adapter_paths(args) -> list[str]:
 
 def say_adapters(command: str, paths: list[str], args) -> None:
     """One line on standard error naming the adapters attached; the sidecar found beside the model is marked."""
-    names = [p if p in args.adapter else f"{p} (found beside the model; --no-sidecar leaves it out)" for p in paths]
+    names = [p if p in args.adapter else f"{p} (" + ("the mask tune cached for this model" if _is_cached(p) else
+                                                      "found beside the model") + "; --no-sidecar leaves it out)"
+             for p in paths]
     print(f"edge-zo {command}: adapters: {', '.join(names) or 'none'}", file=sys.stderr)
 
 
