@@ -152,15 +152,7 @@ def accuracy(model, examples: list[Example], device) -> float:
 
 def evaluate(model, task: Task, device, prefix: np.ndarray | None = None) -> dict:
     def wrap(exs):
-        if prefix is None:
-            return exs
-        out = []
-        for e in exs:
-            p = task.prefixed(prefix, e)
-            p.choices = [task.prefixed(prefix, c) for c in e.choices] if e.choices else e.choices
-            p.answer = e.answer
-            out.append(p)
-        return out
+        return exs if prefix is None else prefixed_examples(task, prefix, exs)
 
     with torch.no_grad():
         test = wrap(task.ex["test"])

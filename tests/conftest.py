@@ -76,3 +76,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture
 def facts_jsonl(tmp_path) -> Path:
     return write_jsonl(tmp_path / "facts.jsonl", FACTS)
+
+
+def zero_sidecar(model: Path, path: Path, share: int = 100, seed: int = 0, metadata: dict | None = None) -> Path:
+    """A sidecar of zeros over a random 1/share of every block matmul of `model` (a tiny model's
+    stand-in for a mask), written to `path`."""
+    from edge_zo.adapter import SparseAdapter
+    from edge_zo.model_info import ModelInfo
+
+    info = ModelInfo.open(model)
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name in info.block_matmul_weights():
+        idx = np.unique(rng.integers(0, info.tensors[name].n_elements, info.tensors[name].n_elements // share))
+        weights[name] = (idx, np.zeros(len(idx), np.float32))
+    SparseAdapter.from_weights(info.architecture, weights, metadata or {}).save(path)
+    return path

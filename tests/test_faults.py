@@ -23,11 +23,10 @@ from edge_zo.cli import main as cli
 from edge_zo.constants import VALUE_MAX, Sparse
 from edge_zo.errors import DivergedError, InvalidInputError, ModelFileError
 from edge_zo.model_info import file_sha256
-from edge_zo.runtime import Runtime
 from edge_zo.spsa import Optimizer
 from edge_zo.trainer import LoopConfig, LoopState, train
 
-from .conftest import TinyLlama, write_jsonl
+from .conftest import TinyLlama, write_jsonl, zero_sidecar
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = [{"prompt": f"Note {i}: my dog is called", "completion": " Rex"} for i in range(16)]
@@ -38,18 +37,8 @@ CHOICES = [{**row, "choices": [" Rex", " Max"]} for row in TOY[:6]]
 def toy(tmp_path_factory, tiny_q4):
     """A toy task, its validation file and a sidecar (1% of every block matmul) recording its base model."""
     root = tmp_path_factory.mktemp("faults")
-    rng = np.random.default_rng(0)
-    with Runtime(tiny_q4.path) as rt:
-        info = rt.info
-    weights = {}
-    for name in info.block_matmul_weights():
-        n = info.tensors[name].n_elements
-        idx = np.unique(rng.integers(0, n, n // 100))
-        weights[name] = (idx, np.zeros(len(idx), np.float32))
-    sidecar = root / "sidecar.gguf"
-    SparseAdapter.from_weights(info.architecture, weights, {Sparse.ROLE: "sidecar",
-                                                            Sparse.BASE_MODEL_SHA256: file_sha256(tiny_q4.path)}
-                               ).save(sidecar)
+    sidecar = zero_sidecar(tiny_q4.path, root / "sidecar.gguf", metadata={
+        Sparse.ROLE: "sidecar", Sparse.BASE_MODEL_SHA256: file_sha256(tiny_q4.path)})
     return {"model": tiny_q4.path, "data": write_jsonl(root / "toy.jsonl", TOY),
             "valid": write_jsonl(root / "valid.jsonl", CHOICES), "sidecar": sidecar, "root": root}
 

@@ -14,7 +14,7 @@ from edge_zo.dataset import Tokenizer, load_jsonl
 from edge_zo.errors import InvalidInputError
 from edge_zo.runtime import Runtime, RuntimeOptions, choice_correct, choice_cross_entropy
 
-from .conftest import write_jsonl
+from .conftest import write_jsonl, zero_sidecar
 
 OPTS = RuntimeOptions(batch_size=8, max_tokens=64, kv_f32=True)
 ROWS = [{"prompt": f"Row {i}: is the sky {c}? Answer:", "completion": a, "choices": [" yes", " no"]}
@@ -75,21 +75,10 @@ def test_auto_picks_choices_only_when_every_row_has_them(tiny, tmp_path):
 def test_tune_on_choices_learns_to_tell_them_apart(tiny_q4, tmp_path):
     """A toy task whose answer depends on the prompt: the choices objective must raise
     validation accuracy, and the run records which objective it used."""
-    from edge_zo.adapter import SparseAdapter
-
     rows = [{"prompt": f"Item {i}. Colour {'red' if i % 2 else 'blue'}. Warm? Answer:",
              "completion": " yes" if i % 2 else " no", "choices": [" yes", " no"]} for i in range(32)]
     data = write_jsonl(tmp_path / "warm.jsonl", rows)
-    with Runtime(tiny_q4.path) as rt:
-        info = rt.info
-    rng = np.random.default_rng(0)
-    weights = {}
-    for name in info.block_matmul_weights():
-        n = info.tensors[name].n_elements
-        idx = np.unique(rng.integers(0, n, n // 50))
-        weights[name] = (idx, np.zeros(len(idx), np.float32))
-    sidecar = tmp_path / "sidecar.gguf"
-    SparseAdapter.from_weights(info.architecture, weights).save(sidecar)
+    sidecar = zero_sidecar(tiny_q4.path, tmp_path / "sidecar.gguf", share=50)
     out = tmp_path / "run"
     assert cli(["tune", str(tiny_q4.path), str(data), "--sidecar", str(sidecar), "-o", str(out), "--quiet",
                 "--steps", "60", "--lr", "3e-2", "--eps", "1e-2", "--eval-every", "20", "--optimizer", "adam",
