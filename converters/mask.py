@@ -9,7 +9,9 @@ One implementation for `edge-zo convert` (on calibration text), `edge-zo tune
 - `key`, `save`, `load`: a finished mask kept as an .npz under a key of everything
   that determines it, so an interrupted run or a benchmark does not score again;
 - `sidecar_metadata`: what a sidecar says about its mask, assembled here alone;
-- `fisher_sidecar`: the `--split keep` sidecar of a Fisher mask on a task's rows.
+- `fisher_sidecar`: the `--split keep` sidecar of a Fisher mask on a task's rows;
+- `calibration_sidecar`: the same on the default calibration corpus, the mask `edge-zo tune`
+  builds for a model without a sidecar where torch is installed (edge_zo.activation_mask.ensure).
 """
 from __future__ import annotations
 
@@ -190,3 +192,37 @@ def fisher_sidecar(model_path: str | Path, examples: list[Example], density: flo
     meta = sidecar_metadata(spec, Split.KEEP, info.sha256(), "the tuning data (--mask-from-data)",
                             sum(len(e.tokens) for e in calib))
     return SparseAdapter.from_weights(info.architecture, weights, meta)
+
+
+def calibration_sidecar(model_path: str | Path, density: float = 1e-3, calib_tokens: int = 4096, seq_len: int = 512,
+                        threads: int = 0, log=None) -> tuple[SparseAdapter, dict]:
+    """(the `--split keep` sidecar of the top-`density` Fisher coordinates of every block matmul on
+    the default calibration corpus, a report): `edge-zo convert`'s mask, on the model as it is
+    (values zero: tuning learns pure deltas), for `edge-zo tune` on a model without a sidecar."""
+    import resource
+    import time
+
+    from edge_zo.runtime import Runtime, RuntimeOptions
+
+    from . import calib
+
+    t0 = time.perf_counter()
+    log = log or _log
+    info = ModelInfo.open(model_path)
+    targets = info.block_matmul_weights()
+    spec = MaskSpec(density=density)
+    with Runtime(info.path, RuntimeOptions(batch_size=1, max_tokens=seq_len, threads=threads)) as rt:
+        corpus = calib.load(rt.native, None, calib_tokens, 0, seq_len)
+        probe = rt.loss(corpus.train[:1]).mean
+    with TensorFile(info.path, info.header) as tf:
+        mask, _ = compute(tf, targets, spec, corpus.train, native_probe=probe, threads=threads, log=log)
+    sha = info.sha256()
+    weights = {name: (idx, np.zeros(len(idx), np.float32)) for name, idx in mask.items() if len(idx)}
+    meta = sidecar_metadata(spec, Split.KEEP, sha, corpus.source, corpus.train_tokens, corpus.sha256,
+                            base_model_sha=sha)
+    sidecar = SparseAdapter.from_weights(info.architecture, weights, meta)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return sidecar, {"coordinates": sidecar.n_params, "matrices": len(sidecar.names),
+                     "calibration_tokens": corpus.train_tokens, "seconds": round(time.perf_counter() - t0, 2),
+                     "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+                     "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}

@@ -25,12 +25,18 @@ USAGE = "usage: edge-zo COMMAND [options]   (edge-zo COMMAND --help for each)\n\
 
 
 # What the device side asks of the workstation side: function name -> its module, imported when called.
-WORKSTATION = {"fisher_sidecar": "converters.mask"}
+WORKSTATION = {"fisher_sidecar": "converters.mask", "calibration_sidecar": "converters.mask"}
 
 
 def fisher_sidecar(model, examples, density: float = 1e-3):
     """`tune --mask-from-data`: a Fisher mask on the training rows, as a sidecar (needs torch)."""
     return _workstation("fisher_sidecar")(model, examples, density=density)
+
+
+def calibration_sidecar(model, density: float = 1e-3, threads: int = 0, log=None):
+    """`tune` on a model without a sidecar, where torch is installed: a Fisher mask on the default
+    calibration corpus, as a sidecar, and a report (edge_zo.activation_mask.ensure)."""
+    return _workstation("calibration_sidecar")(model, density=density, threads=threads, log=log)
 
 
 def _workstation(name: str):

@@ -37,7 +37,7 @@ class TuneSettings:
     valid: str | None = _opt(None, "validation JSONL (default: a held-out split of the training data, fixed by --seed)",
                              INPUT)
     sidecar: str | None = _opt(None, "sparse sidecar naming the tunable coordinates (default: beside the model, else "
-                               "an activation mask built once and cached, docs/mask.md)", INPUT)
+                               "a mask built once and cached, docs/mask.md)", INPUT)
     mask_from_data: bool = _opt(False, "no sidecar: pick the top-density Fisher coordinates on the training data "
                                 "(needs torch)", INPUT)
     density: float = _opt(1e-3, "share of block weights to tune with --mask-from-data or the automatic mask", INPUT)

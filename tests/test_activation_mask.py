@@ -130,16 +130,18 @@ def _built_seconds(err: str) -> float:
 
 
 def test_tune_without_sidecar_builds_caches_and_reuses_the_mask(stock, cache, tmp_path, capsys):
+    """The automatic mask: Fisher here, where torch is installed (the torch-free one: next test)."""
     data = write_jsonl(tmp_path / "facts.jsonl", FACTS)
     sha, mtime = file_sha256(stock), stock.stat().st_mtime_ns
+    method = activation_mask.automatic_method(stock)
     assert cli(["tune", str(stock), str(data), "-o", str(tmp_path / "r1"), *FAST]) == 0
     err = capsys.readouterr().err
-    path = activation_mask.cache_path(sha)
+    path = activation_mask.cache_path(sha, 0.001, method)
     assert path.parent == cache / "masks" and path.is_file()
-    assert "building its activation mask" in err and str(path) in err, err
+    assert f"building its {method} mask" in err and str(path) in err, err
     mask = SparseAdapter.load(path)
     md = mask.metadata
-    assert md[Sparse.MASK_METHOD] == "activation" and md[Sparse.SPLIT] == "keep" and md[Sparse.ROLE] == "sidecar"
+    assert md[Sparse.MASK_METHOD] == method and md[Sparse.SPLIT] == "keep" and md[Sparse.ROLE] == "sidecar"
     assert md[Sparse.BASE_MODEL_SHA256] == sha == md[Sparse.SOURCE_SHA256] and md[Sparse.MASK_DENSITY] == 0.001
     assert md[Sparse.CALIB_TOKENS] >= activation_mask.DEFAULT.calib_tokens and len(md[Sparse.CALIB_SHA256]) == 64
     assert "Moby-Dick" in md[Sparse.CALIB_SOURCE] and not np.any(mask.values)
@@ -152,7 +154,7 @@ def test_tune_without_sidecar_builds_caches_and_reuses_the_mask(stock, cache, tm
     built = path.stat().st_mtime_ns
     assert cli(["tune", str(stock), str(data), "-o", str(tmp_path / "r2"), *FAST]) == 0
     err2 = capsys.readouterr().err
-    assert "using the activation mask cached" in err2 and "building" not in err2, err2
+    assert f"using the {method} mask cached" in err2 and "building" not in err2, err2
     run2 = run_dir.read_run_json(tmp_path / "r2")
     assert run2["sidecar_sha256"] == run1["sidecar_sha256"] and path.stat().st_mtime_ns == built
     t0 = time.perf_counter()
@@ -171,6 +173,32 @@ def test_tune_without_sidecar_builds_caches_and_reuses_the_mask(stock, cache, tm
     assert f"adapters: {path} (the mask tune cached" in capsys.readouterr().err
 
 
+def test_a_fisher_mask_that_cannot_be_computed_falls_back_to_the_activation_mask(stock, cache, monkeypatch):
+    import edge_zo.cli
+
+    def unsupported(*args, **kwargs):
+        raise InvalidInputError("architecture 'llama' is not supported by edge-zo convert (pretend)")
+
+    monkeypatch.setattr(edge_zo.cli, "calibration_sidecar", unsupported)
+    said = []
+    path = activation_mask.ensure(stock, method=activation_mask.FISHER, say=said.append)
+    assert path == activation_mask.cache_path(file_sha256(stock)) and path.is_file()
+    assert any("Fisher mask is not available" in m and "pretend" in m for m in said), said
+    assert SparseAdapter.load(path).metadata[Sparse.MASK_METHOD] == "activation"
+    assert activation_mask.cached_sidecar(stock) == path
+
+
+def test_the_automatic_method_is_the_torch_free_one_without_torch_or_memory(stock, monkeypatch):
+    code = ("import sys; sys.modules['torch'] = None; from edge_zo import activation_mask as m; "
+            "print(m.automatic_method(sys.argv[1]))")
+    out = subprocess.run([sys.executable, "-c", code, str(stock)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "activation"
+    assert activation_mask.automatic_method(stock) == "fisher"    # torch is installed here, the tiny model fits
+    monkeypatch.setattr(activation_mask, "FISHER_BYTES_PER_WEIGHT", 10 ** 9)   # a model too big for its Fisher
+    method, why = activation_mask._automatic(stock)
+    assert method == "activation" and "more than half of this machine's" in why
+
+
 def test_the_automatic_path_runs_with_torch_unimportable(stock, cache, tmp_path):
     data = write_jsonl(tmp_path / "facts.jsonl", FACTS)
     code = ("import sys; sys.modules['torch'] = None; from edge_zo.cli import main; "
@@ -179,7 +207,7 @@ def test_the_automatic_path_runs_with_torch_unimportable(stock, cache, tmp_path)
     run = subprocess.run([sys.executable, "-c", code, "tune", str(stock), str(data), "-o", str(tmp_path / "run"),
                           *FAST], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "building its activation mask" in run.stderr
+    assert "building its activation mask" in run.stderr   # torch unimportable: the torch-free method
     assert activation_mask.cache_path(file_sha256(stock)).is_file()
     assert (tmp_path / "run" / run_dir.DELTAS).is_file()
     out = tmp_path / "converted"   # and `edge-zo convert --mask activation`
@@ -192,7 +220,9 @@ def test_the_automatic_path_runs_with_torch_unimportable(stock, cache, tmp_path)
 
 
 @pytest.mark.slow
-def test_smollm2_automatic_mask_and_a_few_steps(smollm2, cache, tmp_path, capsys):
+def test_smollm2_automatic_mask_and_a_few_steps(smollm2, cache, tmp_path, capsys, monkeypatch):
+    """The torch-free automatic mask on the real model (what tune builds where torch is missing)."""
+    monkeypatch.setattr(activation_mask, "automatic_method", lambda: activation_mask.METHOD)
     data = write_jsonl(tmp_path / "facts.jsonl", FACTS)
     assert cli(["tune", str(smollm2), str(data), "-o", str(tmp_path / "run"), "--steps", "3", "--eval-every", "3",
                 "--lr", "1e-4", "--eps", "5e-3", "--max-tokens", "48", "--batch-size", "4", "--threads", "2",

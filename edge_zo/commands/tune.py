@@ -17,8 +17,9 @@ Examples:
 
 The sparse coordinates come from the model's sidecar (DIR/sidecar.gguf beside
 DIR/model.gguf, made by `edge-zo convert`), or --sidecar FILE; a model without one
-(a stock GGUF) gets an activation mask that tune builds once, in seconds and without
-torch, and caches by the model's SHA-256 ($EDGE_ZO_CACHE/masks, docs/mask.md).
+(a stock GGUF) gets a mask that tune builds once and caches by the model's SHA-256
+($EDGE_ZO_CACHE/masks): the Fisher mask where torch is installed, else a torch-free
+activation mask computed by llama.cpp (docs/mask.md).
 Outputs in -o DIR: deltas.gguf (the validated best; use with --adapter), run.json,
 metrics.jsonl, loss.png, trajectory.json and checkpoint.npz.
 Every option is also a key of the --config YAML file (docs/tune.example.yaml).
@@ -176,9 +177,10 @@ def _run(s: TuneSettings, resume: bool, world: World, team: Team | None, *, argv
 
 
 def _automatic_mask(s: TuneSettings, world: World) -> Path:
-    """No sidecar given or beside the model: the model's activation mask (edge_zo.activation_mask,
-    torch-free, llama.cpp's own forwards), built once per model file and density and cached by the
-    file's SHA-256; the model is used as it is (a `--split keep` sidecar: zero values)."""
+    """No sidecar given or beside the model: the model's automatic mask (edge_zo.activation_mask.ensure:
+    Fisher where torch is installed, else the torch-free activation mask), built once per model file
+    and density and cached by the file's SHA-256; the model is used as it is (a `--split keep`
+    sidecar: zero values)."""
     from .. import activation_mask
 
     def say(msg: str) -> None:
