@@ -275,14 +275,14 @@ def build_sidecar(model: str | Path, settings: Settings = DEFAULT, log=_log) -> 
 # ---- the cache: the mask `edge-zo tune` builds for a model without a sidecar ----
 
 FISHER = "fisher"
-FISHER_BYTES_PER_WEIGHT = 20   # peak RSS of the Fisher mask per model weight (SmolLM2: 2,628 MiB, docs/mask.md)
+FISHER_BYTES_PER_WEIGHT = 20   # peak RSS of the Fisher mask per model weight (SmolLM2: 2.5 GiB, docs/mask.md)
 
 
 def automatic_method(model: str | Path | None = None) -> str:
     """The automatic mask's method (docs/mask.md): fisher (converters.mask.calibration_sidecar)
     where torch and transformers import and the model's Fisher fits in half of this machine's
     memory; else activation. On SmolLM2 the Fisher mask held 4.6x more of a real task's
-    gradient, for 8x the CPU time and 13x the memory."""
+    gradient, for 3.6x the time and 13x the memory."""
     return _automatic(model)[0]
 
 

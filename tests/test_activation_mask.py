@@ -32,6 +32,7 @@ TEXT = "Call me Ishmael. Some years ago, never mind how long precisely, having l
 FAST = ["--steps", "2", "--eval-every", "2", "--lr", "1e-3", "--eps", "1e-2", "--max-tokens", "64",
         "--batch-size", "4", "--threads", "2", "--quiet"]
 REAL_CORPORA = corpora.cache_root()
+NO_TORCH = "import sys; sys.modules['torch'] = None; from edge_zo.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 @pytest.fixture
@@ -201,8 +202,7 @@ def test_the_automatic_method_is_the_torch_free_one_without_torch_or_memory(stoc
 
 def test_the_automatic_path_runs_with_torch_unimportable(stock, cache, tmp_path):
     data = write_jsonl(tmp_path / "facts.jsonl", FACTS)
-    code = ("import sys; sys.modules['torch'] = None; from edge_zo.cli import main; "
-            "sys.exit(main(sys.argv[1:]))")
+    code = NO_TORCH
     env = {**os.environ, "EDGE_ZO_CACHE": str(cache)}
     run = subprocess.run([sys.executable, "-c", code, "tune", str(stock), str(data), "-o", str(tmp_path / "run"),
                           *FAST], capture_output=True, text=True, env=env, timeout=600)
@@ -220,17 +220,18 @@ def test_the_automatic_path_runs_with_torch_unimportable(stock, cache, tmp_path)
 
 
 @pytest.mark.slow
-def test_smollm2_automatic_mask_and_a_few_steps(smollm2, cache, tmp_path, capsys, monkeypatch):
-    """The torch-free automatic mask on the real model (what tune builds where torch is missing)."""
-    monkeypatch.setattr(activation_mask, "automatic_method", lambda: activation_mask.METHOD)
+def test_smollm2_automatic_mask_and_a_few_steps(smollm2, cache, tmp_path):
+    """The torch-free automatic mask on the real model, as tune builds it where torch is missing."""
     data = write_jsonl(tmp_path / "facts.jsonl", FACTS)
-    assert cli(["tune", str(smollm2), str(data), "-o", str(tmp_path / "run"), "--steps", "3", "--eval-every", "3",
-                "--lr", "1e-4", "--eps", "5e-3", "--max-tokens", "48", "--batch-size", "4", "--threads", "2",
-                "--quiet"]) == 0
-    err = capsys.readouterr().err
+    run = subprocess.run([sys.executable, "-c", NO_TORCH, "tune", str(smollm2), str(data), "-o", str(tmp_path / "run"),
+                          "--steps", "3", "--eval-every", "3", "--lr", "1e-3", "--eps", "5e-3", "--max-tokens", "48",
+                          "--batch-size", "4", "--threads", "2", "--quiet"],
+                         capture_output=True, text=True, env={**os.environ, "EDGE_ZO_CACHE": str(cache)}, timeout=1800)
+    assert run.returncode == 0, run.stderr[-3000:]
     mask = SparseAdapter.load(activation_mask.cache_path(file_sha256(smollm2)))
     info = ModelInfo.open(smollm2)
+    assert mask.metadata[Sparse.MASK_METHOD] == "activation"
     assert mask.n_params == round(0.001 * sum(info.tensors[n].n_elements for n in info.block_matmul_weights()))
-    assert _built_seconds(err) > 0 and len(mask.names) > 100     # spread over most of the 210 matrices
+    assert _built_seconds(run.stderr) > 0 and len(mask.names) > 100     # spread over most of the 210 matrices
     valid = [r["valid_loss"] for r in run_dir.read_metrics(tmp_path / "run") if "valid_loss" in r]
     assert len(valid) == 2 and all(np.isfinite(valid))
