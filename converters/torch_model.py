@@ -32,6 +32,7 @@ def config_from_gguf(tf: TensorFile, spec: ArchSpec):
         value = header.get(f"{arch}.{suffix}")
         if key is not None and value is not None:
             kwargs[key] = value
+    kwargs |= llama_cpp_hparams(header, arch, kwargs)
     if "vocab_size" not in kwargs:
         kwargs["vocab_size"] = tf.tensors["token_embd.weight"].shape[0]
     kwargs["tie_word_embeddings"] = OUTPUT not in tf.tensors
@@ -40,6 +41,35 @@ def config_from_gguf(tf: TensorFile, spec: ArchSpec):
         if tok is not None:
             kwargs[f"{'pad' if key == 'padding' else key}_token_id"] = tok
     return AutoConfig.for_model(spec.hf_model_type, **kwargs)
+
+
+# llama.cpp's rule for Gemma's attention scale (llama-model.cpp, LLM_ARCH_GEMMA2/3): 1/sqrt(head_dim),
+# except for the 27B models (46 and 62 layers), which scale by 1/sqrt(n_embd / n_head).
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def llama_cpp_hparams(header, arch: str, kwargs: dict) -> dict:
+    """Config values llama.cpp reads from a GGUF that transformers' GGUF->config table leaves at its
+    config class's defaults, which fit the released checkpoints but not every file (a Qwen3 class
+    defaults to head_dim 128, Gemma to 256 and to a query scale of 256)."""
+    out = {}
+    hidden, n_head = kwargs.get("hidden_size"), kwargs.get("num_attention_heads")
+    head_dim = header.get(f"{arch}.attention.key_length")
+    if head_dim is None and hidden and n_head:
+        head_dim = hidden // n_head          # llama.cpp's default n_embd_head_k
+    if head_dim:
+        out["head_dim"] = int(head_dim)
+        n_rot = header.get(f"{arch}.rope.dimension_count")
+        if n_rot and n_rot < head_dim:       # llama.cpp rotates the first n_rot dimensions of each head
+            out["partial_rotary_factor"] = n_rot / head_dim
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        value = header.get(f"{arch}.{key}")
+        if value is not None:
+            out[key] = float(value)
+    if arch in _GEMMA_27B_LAYERS and head_dim:
+        big = kwargs.get("num_hidden_layers") == _GEMMA_27B_LAYERS[arch]
+        out["query_pre_attn_scalar"] = hidden // n_head if big else int(head_dim)
+    return out
 
 
 def layout_of(config, spec: ArchSpec) -> Layout:
@@ -66,7 +96,9 @@ def model_from_gguf(tf: TensorFile, spec: ArchSpec):
             missing.append(gguf_name)
             continue
         state[hf_name] = torch.from_numpy(np.ascontiguousarray(layout.hf_value(gguf_name, t.dequantize())))
-    unmapped = [n for n, _ in model.named_parameters() if n not in names]
+    # A tied lm_head has no GGUF name of its own in some tables (gemma2 lists no output.weight); tie_weights sets it.
+    tied = {id(p) for p in model.get_output_embeddings().parameters()} if config.tie_word_embeddings else set()
+    unmapped = [n for n, p in model.named_parameters() if n not in names and id(p) not in tied]
     if missing or unmapped:
         raise InvalidInputError(f"{tf.path}: cannot map the GGUF onto transformers' {type(model).__name__}: "
                                 f"missing tensors {missing[:5]}, unmapped parameters {unmapped[:5]}")
@@ -75,12 +107,6 @@ def model_from_gguf(tf: TensorFile, spec: ArchSpec):
         model.tie_weights()
     model.eval()
     return model, names, layout
-
-
-def load_gguf(path: str | Path):
-    """`model_from_gguf` of the GGUF file at `path`, its architecture read from the file."""
-    with TensorFile(path) as tf:
-        return model_from_gguf(tf, arch_spec(tf.header.get(General.ARCHITECTURE), str(path)))
 
 
 def load_gguf(path: str | Path):
