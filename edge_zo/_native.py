@@ -63,6 +63,15 @@ def quantize(src: str, dst: str, file_type: str, threads: int = 0) -> None:
     _check(lib.ez_quantize(str(src).encode(), str(dst).encode(), int(ftype), threads))
 
 
+def cpu_extra_buffer_types() -> list[str]:
+    """The extra CPU weight layouts llama.cpp offers on this machine ("CPU_REPACK", "AMX", ...):
+    what ContextParams.extra_bufts turns on."""
+    buf = ffi.new("char[]", 256)
+    _check(lib.ez_cpu_extra_bufts(buf, 256))
+    names = ffi.string(buf).decode()
+    return names.split(",") if names else []
+
+
 @dataclass(frozen=True)
 class ContextParams:
     """How big a llama.cpp context to create (see ez_model_params in edge_zo.h)."""

@@ -629,6 +629,28 @@ int ez_has_cuda(void) {
 #endif
 }
 
+int ez_cpu_extra_bufts(char *buf, int32_t cap) {
+    if (!buf || cap < 1) return fail(EZ_ERR_INVALID, "no room for the buffer type names");
+    buf[0] = 0;
+    backend_init();
+    /* The same query llama.cpp's model loader makes when use_extra_bufts is set. */
+    ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (!dev) return EZ_OK;
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+    ggml_backend_dev_get_extra_bufts_t get =
+        (ggml_backend_dev_get_extra_bufts_t)ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts");
+    if (!get) return EZ_OK;
+    size_t used = 0;
+    for (ggml_backend_buffer_type_t *b = get(dev); b && *b; b++) {
+        const char *name = ggml_backend_buft_name(*b);
+        size_t n = strlen(name) + (used ? 1 : 0);
+        if (used + n + 1 > (size_t)cap) return fail(EZ_ERR_INVALID, "%d bytes cannot hold the buffer type names", cap);
+        snprintf(buf + used, (size_t)cap - used, "%s%s", used ? "," : "", name);
+        used += n;
+    }
+    return EZ_OK;
+}
+
 /* ---- text ----------------------------------------------------------------- */
 
 int ez_tokenize(const ez_model *m, const char *text, int32_t len, int add_special, int parse_special,

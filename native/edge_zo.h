@@ -57,6 +57,10 @@ int64_t ez_host_count(const ez_model *m);
 int64_t ez_cuda_count(const ez_model *m);
 /* 1 when this build has the CUDA kernels (EDGE_ZO_CUDA). */
 int ez_has_cuda(void);
+/* The extra CPU weight buffer types llama.cpp offers on this machine, i.e. what extra_bufts
+ * would turn on, as comma-separated names in buf (e.g. "CPU_REPACK", or "AMX,CPU_REPACK" on a
+ * CPU with AMX); "" when there are none. EZ_ERR_INVALID when cap is too small. */
+int ez_cpu_extra_bufts(char *buf, int32_t cap);
 
 /* Text. *n_out receives the needed size when cap is too small (EZ_ERR_NOMEM). */
 int ez_tokenize(const ez_model *m, const char *text, int32_t len, int add_special,

@@ -149,3 +149,70 @@ def test_quantize_writes_a_model_llama_cpp_runs_and_reports_bad_input(tiny_q4, t
     bad.write_bytes(b"GGUF" + bytes(60))
     with pytest.raises(NativeRuntimeError, match="could not quantize"):
         _native.quantize(bad, out, "Q8_0")
+
+
+def test_weight_layout_policy_keeps_amx_machines_off():
+    from edge_zo.runtime import weight_layouts_safe
+
+    assert weight_layouts_safe(["CPU_REPACK"]) and weight_layouts_safe([])
+    assert not weight_layouts_safe(["AMX", "CPU_REPACK"])
+
+
+def _delta_effect_both_layouts(model, examples_of, adapter_of, opts):
+    """(loss without, loss with the adapter) under llama.cpp's plain and repacked CPU weight layouts."""
+    out = {}
+    for repack in (False, True):
+        with Runtime(model, RuntimeOptions(**{**opts, "extra_bufts": repack}), ) as rt:
+            ex = examples_of(rt)
+            base = _total(rt, ex)
+            rt.attach(adapter_of())
+            out[repack] = (base, _total(rt, ex))
+    return out
+
+
+def test_repacked_layouts_keep_the_sparse_path_exact(tiny_q4, tmp_path):
+    """The runtime turns repacked Q4_0 buffers on by default (where safe): a forward must run on
+    them and a delta must act through them as through the plain layout. The repacked kernels sum
+    the same Q4_0 x Q8_0 products in another order, so the losses agree to float rounding."""
+    from edge_zo.runtime import weight_layouts_safe
+
+    name = "blk.1.ffn_down.weight"
+    rng = np.random.default_rng(3)
+    idx, val = _coords(rng, tiny_q4.weights[name].shape, 24)
+    got = _delta_effect_both_layouts(tiny_q4.path, lambda rt: _examples(rt, tmp_path),
+                                     lambda: SparseAdapter.from_weights("llama", {name: (idx, val)}),
+                                     {"batch_size": 8, "max_tokens": 64})
+    (plain_base, plain), (rep_base, rep) = got[False], got[True]
+    effect = abs(plain - plain_base)
+    assert effect > 5e-3
+    assert abs(rep_base - plain_base) <= 1e-3 * abs(plain_base)
+    assert abs((rep - rep_base) - (plain - plain_base)) <= 0.02 * effect
+    assert RuntimeOptions().extra_bufts is None and isinstance(weight_layouts_safe(), bool)
+
+
+def test_repacked_layouts_on_smollm2_q4_0(smollm2, tmp_path):
+    """The real model requantized to Q4_0 (the type repacking speeds up), a 0.5%-dense adapter over every block matmul
+    applied through both layouts: the same losses up to the noise floor. On this model a forward's
+    float rounding alone moves the summed loss by about 0.5% (the plain layout with an F16 against
+    an F32 KV cache differs as much: the 8-bit activation quantization flips on tiny changes), so
+    the delta is made large enough for its effect to dwarf that."""
+    from edge_zo import _native
+    from edge_zo.model_info import ModelInfo
+
+    q40 = tmp_path / "smollm2-q4_0.gguf"
+    _native.quantize(str(smollm2), str(q40), "Q4_0")
+    info = ModelInfo.open(q40)
+    rng = np.random.default_rng(0)
+    weights = {}
+    for name in info.block_matmul_weights():
+        n = info.tensors[name].n_elements
+        idx = np.unique(rng.integers(0, n, n // 200))
+        weights[name] = (idx, rng.normal(0, 0.3, len(idx)).astype(np.float32))
+    got = _delta_effect_both_layouts(q40, lambda rt: _examples(rt, tmp_path),
+                                     lambda: SparseAdapter.from_weights("llama", weights),
+                                     {"batch_size": 8, "max_tokens": 64, "threads": 2})
+    (plain_base, plain), (rep_base, rep) = got[False], got[True]
+    effect = abs(plain - plain_base)
+    assert effect > 40 * abs(rep_base - plain_base), (effect, rep_base, plain_base)
+    assert abs(rep_base - plain_base) <= 0.01 * abs(plain_base)
+    assert abs((rep - rep_base) - (plain - plain_base)) <= 0.05 * effect
