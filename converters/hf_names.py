@@ -42,7 +42,7 @@ _HF_FOLDER_ARCHS = {"llama": ("LlamaForCausalLM", "MistralForCausalLM"), "gemma3
 # The architectures a tiny random model proves end to end (tests/test_architectures.py: torch and
 # llama.cpp agree on the loss, perturbed coordinates land where the mapping says, tune, eval, export).
 # Others that both libraries load are refused until such a test covers them.
-VERIFIED = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+VERIFIED = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "starcoder2", "stablelm")
 ACTIVATION_HINT = ("The torch-free activation mask works on every dense architecture llama.cpp runs: `edge-zo tune "
                    "MODEL DATA` builds it by itself where the Fisher mask is not available, and `python -m "
                    "edge_zo.activation_mask MODEL -o sidecar.gguf` writes it (docs/architectures.md).")
