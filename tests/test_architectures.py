@@ -113,19 +113,23 @@ def test_torch_coordinates_name_the_same_gguf_weights(tiny):
             g_rows = layout.gguf_row(gname, hf_rows, n_out)
             cols = rng.choice(n_in, 6)
             hf_idx, g_idx = hf_rows * n_in + cols, g_rows * n_in + cols
-            with torch.no_grad():
-                p.view(-1)[hf_idx] += 1.0
-                d_torch = _torch_nll(model, ex) - base_t
-                p.view(-1)[hf_idx] -= 1.0
+            for delta in (1.0, 4.0, 16.0):   # large enough to dwarf float rounding over ~60 tokens (~1e-3 nats)
+                with torch.no_grad():
+                    p.view(-1)[hf_idx] += delta
+                    d_torch = _torch_nll(model, ex) - base_t
+                    p.view(-1)[hf_idx] -= delta
+                if abs(d_torch) > 0.05:
+                    break
             effects = []
             for idx in (g_idx, hf_idx):
                 order = np.argsort(idx)
-                att = rt.attach(SparseAdapter.from_weights(info.architecture, {gname: (idx[order], np.ones(6, np.float32))}))
+                att = rt.attach(SparseAdapter.from_weights(info.architecture,
+                                                           {gname: (idx[order], np.full(6, delta, np.float32))}))
                 effects.append(float(rt.loss(ex).nll.sum()) - base_n)
                 rt.detach(att)
             d_mapped, d_unmapped = effects
-            assert abs(d_torch) > 1e-3, f"{gname}: the delta barely moves the loss; the test would prove nothing"
-            assert d_mapped == pytest.approx(d_torch, rel=0.02, abs=1e-4), gname
+            assert abs(d_torch) > 0.05, f"{gname}: the delta barely moves the loss; the test would prove nothing"
+            assert d_mapped == pytest.approx(d_torch, rel=0.02, abs=2e-3), gname
             if np.any(g_rows != hf_rows):
                 permuted_seen = True
                 assert abs(d_unmapped - d_torch) > 10 * abs(d_mapped - d_torch), gname
@@ -230,7 +234,7 @@ def test_the_torch_free_mask_covers_every_block_matmul_kind(tiny, cache):
 
 @pytest.mark.parametrize("arch,why", [("bloom", "reshapes its tensors"), ("qwen2moe", "mixture of experts"),
                                       ("mamba", "not a transformer decoder"), ("olmo2", "cannot load"),
-                                      ("starcoder2", "not verified")])
+                                      ("nemotron", "not verified")])
 def test_unsupported_architectures_are_named_with_the_torch_free_way(arch, why):
     with pytest.raises(InvalidInputError) as err:
         arch_spec(arch, "model.gguf")

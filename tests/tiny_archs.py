@@ -46,7 +46,9 @@ ARCHS = {
                                       final_logit_softcapping=10.0),
                        "norms +1, post-norms, attention and final logit soft-capping"),
     "gemma3": TinyArch("gemma3", dict(head_dim=32, sliding_window=16, query_pre_attn_scalar=32),
-                       "norms +1, q_norm/k_norm, post-norms, sliding/global layers"),
+                       "norms +1, q_norm/k_norm, post-norms, sliding-window attention"),
+    "starcoder2": TinyArch("starcoder2", dict(), "LayerNorm, a bias on every matmul, an ungated GELU MLP"),
+    "stablelm": TinyArch("stablelm", dict(tie_word_embeddings=False), "LayerNorm, rotary on a quarter of each head"),
 }
 
 
