@@ -164,6 +164,15 @@ def write_json(path: Path, obj) -> None:
     atomic.write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
+def emit(result: dict, path: Path | None, indent: int | None = 1) -> int:
+    """Print a benchmark's result as JSON (last on stdout, where the smoke tests read it), write it
+    to `path` if given, and return the exit status 0."""
+    print(json.dumps(result, indent=indent))
+    if path:
+        write_json(path, result)
+    return 0
+
+
 def peak_rss_mib() -> float:
     """This process's own peak resident memory (VmHWM). Unlike getrusage's ru_maxrss it does not
     carry over the parent's peak into a child started with fork + exec."""

@@ -14,7 +14,6 @@ models alternating for `--rounds` rounds (median tokens per second).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from converters.fisher import MaskMethod
 from edge_zo.gguf_io import write_f32_copy
 from edge_zo.runtime import Runtime, RuntimeOptions
 
-from ._common import gemma, write_json
+from ._common import emit, gemma
 
 
 def main(argv=None) -> int:
@@ -69,10 +68,7 @@ def main(argv=None) -> int:
         for q, rt in runtimes.items():
             rt.close()
             result["types"][q]["tokens_per_s"] = round(statistics.median(speeds[q]), 1)
-    print(json.dumps(result, indent=1))
-    if args.json:
-        write_json(args.json, result)
-    return 0
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import numpy as np
 from edge_zo.dataset import Example, Tokenizer, load_jsonl
 from edge_zo.errors import InvalidInputError
 
-CHARS_PER_TOKEN = 6   # generous: English BPE averages ~4-5 characters a token
 
 
 @dataclass
@@ -75,16 +74,11 @@ def load(native, path: str | Path | None, calib_tokens: int, eval_tokens: int, s
 
 
 def _default_corpus(native, calib_tokens: int, eval_tokens: int, seq_len: int) -> Corpus:
-    from edge_zo.corpora import calibration_text
+    from edge_zo.corpora import calibration_tokens
 
     want = calib_tokens + eval_tokens
-    n_chars = want * CHARS_PER_TOKEN
-    while True:
-        text, description = calibration_text(n_chars)
-        tokens = native.tokenize(text, add_special=False, parse_special=False)
-        if len(tokens) >= want:
-            break
-        n_chars = int(n_chars * 1.5 * want / max(len(tokens), 1))
+    tokens, text, description = calibration_tokens(
+        lambda t: native.tokenize(t, add_special=False, parse_special=False), want)
     # The description names the character count, so (description, sha) pins the text exactly.
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return Corpus(_chunks(native, tokens[:calib_tokens], seq_len),

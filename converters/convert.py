@@ -121,7 +121,8 @@ def run(s: Settings) -> Report:
     else:
         raise ModelFileError(f"{src}: no such file or folder. Pass a .gguf model or a Hugging Face model folder.")
     info = ModelInfo.open(gguf_path)
-    arch_spec(info.architecture, str(src))   # an architecture convert cannot handle fails here, before any work
+    if s.mask is MaskMethod.FISHER:   # the Fisher mask needs torch to load the architecture: refuse early, before any work
+        arch_spec(info.architecture, str(src))
     source_sha = source_sha or info.sha256()
     targets = resolve_targets(info, s.targets)
     tf = TensorFile(gguf_path, info.header)

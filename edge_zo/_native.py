@@ -247,6 +247,30 @@ class NativeModel:
                                     ffi.from_buffer("double[]", logp)))
         return np.split(logp, cand_start[1:-1])
 
+    def continuation_loss(self, prefixes: list[np.ndarray], continuations: list[tuple[int, np.ndarray, np.ndarray]]
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """(summed NLL, target count) of each continuation (prefix index, tokens, target flags) as if
+        it were one sequence with its prefix (see ez_continuation_loss): each prefix is decoded once
+        however many continuations follow it."""
+        if not prefixes or not continuations:
+            raise InvalidInputError("no prefixes or no continuations to score")
+        tok = _array(np.concatenate(prefixes), np.int32, "prefixes")
+        start = np.cumsum([0] + [len(p) for p in prefixes]).astype(np.int32)
+        c_tok = _array(np.concatenate([c[1] for c in continuations]), np.int32, "continuation tokens")
+        c_tgt = _array(np.concatenate([c[2] for c in continuations]), np.uint8, "continuation targets")
+        if len(c_tgt) != len(c_tok):
+            raise InvalidInputError("each continuation needs one target flag per token")
+        c_start = np.cumsum([0] + [len(c[1]) for c in continuations]).astype(np.int32)
+        c_prefix = _array([c[0] for c in continuations], np.int32, "continuation prefixes")
+        nll = np.zeros(len(continuations), np.float64)
+        count = np.zeros(len(continuations), np.int32)
+        _check(lib.ez_continuation_loss(self._live(), ffi.from_buffer("int32_t[]", tok), ffi.from_buffer("int32_t[]", start),
+                                        len(prefixes), ffi.from_buffer("int32_t[]", c_tok),
+                                        ffi.from_buffer("uint8_t[]", c_tgt), ffi.from_buffer("int32_t[]", c_start),
+                                        ffi.from_buffer("int32_t[]", c_prefix), len(continuations),
+                                        ffi.from_buffer("double[]", nll), ffi.from_buffer("int32_t[]", count)))
+        return nll, count
+
     def activation_sumsq(self, tokens, seq_start, weights: list[tuple[str, int]],
                          outputs=None) -> tuple[list[np.ndarray], np.ndarray]:
         """Per-column sums of squared inputs of the matmuls of `weights` [(GGUF name, n_in)] over

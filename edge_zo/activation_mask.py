@@ -206,13 +206,10 @@ def calibration_sequences(native, n_tokens: int, seq_len: int) -> tuple[list[np.
     """(token sequences, description, sha256) of the first `n_tokens` tokens of the default
     calibration corpus (edge_zo.corpora.calibration_text), each sequence the tokenizer's prefix
     (BOS where the model wants one) then text, as `edge-zo convert` cuts it."""
-    n_chars = n_tokens * 6
-    while True:
-        text, description = _calibration_text(n_chars)
-        tokens = native.tokenize(text, add_special=False, parse_special=False)
-        if len(tokens) >= n_tokens:
-            break
-        n_chars = int(n_chars * 1.5 * n_tokens / max(len(tokens), 1))
+    from .corpora import calibration_tokens
+
+    tokens, text, description = calibration_tokens(
+        lambda t: native.tokenize(t, add_special=False, parse_special=False), n_tokens, _calibration_text)
     prefix = native.tokenize("", add_special=True, parse_special=False).astype(np.int32)
     step = seq_len - len(prefix)
     body = tokens[:n_tokens].astype(np.int32)

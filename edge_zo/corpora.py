@@ -373,6 +373,23 @@ def shakespeare_task(seed: int = 0, n_train: int = 1000, n_valid: int = 100, n_t
 TASKS = {"spam": spam_task, "author": author_task, "era": era_task, "shakespeare": shakespeare_task}
 
 
+CHARS_PER_TOKEN = 6   # a first guess at the text needed, generous: English BPE averages ~4-5 characters a token
+
+
+def calibration_tokens(tokenize, n_tokens: int, text_of=None) -> tuple[object, str, str]:
+    """(tokens, text, description): the shortest prefix of the calibration text (`text_of(n_chars)`,
+    default calibration_text) whose tokens, by the model's `tokenize(text)`, number at least
+    `n_tokens`; the prefix grows until they do."""
+    text_of = text_of or calibration_text
+    n_chars = n_tokens * CHARS_PER_TOKEN
+    while True:
+        text, description = text_of(n_chars)
+        tokens = tokenize(text)
+        if len(tokens) >= n_tokens:
+            return tokens, text, description
+        n_chars = int(n_chars * 1.5 * n_tokens / max(len(tokens), 1))
+
+
 def calibration_text(n_chars: int = 200_000, cache_dir: str | os.PathLike | None = None) -> tuple[str, str]:
     """(text, description) of `n_chars` characters of pre-training-like English prose.
 

@@ -11,7 +11,7 @@ import numpy as np
 from ._native import ContextParams, NativeModel
 from .adapter import SparseAdapter
 from .dataset import Example
-from .errors import InvalidInputError
+from .errors import InvalidInputError, NativeRuntimeError
 from .model_info import ModelInfo
 
 
@@ -32,6 +32,20 @@ class RuntimeOptions:
     # llama.cpp's extra CPU weight layouts (runtime-repacked Q4_0/IQ4_NL/Q8_0 blocks; AMX tiles on
     # CPUs with AMX). None: on unless this machine offers AMX (see weight_layouts_safe).
     extra_bufts: bool | None = None
+
+
+SLOW_CPU_TYPES = ("Q4_1",)   # 4-bit types whose CPU kernels run at about half Q4_0's speed (docs/runtime.md)
+
+
+def slow_cpu_type(info: ModelInfo) -> str | None:
+    """The type of most of the model's block matmuls where it is one of SLOW_CPU_TYPES, else None."""
+    import collections
+
+    names = info.block_matmul_weights()
+    if not names:
+        return None
+    common = collections.Counter(info.tensors[n].type_name for n in names).most_common(1)[0][0]
+    return common if common in SLOW_CPU_TYPES else None
 
 
 def weight_layouts_safe(offered: list[str] | None = None) -> bool:
@@ -83,6 +97,7 @@ class Runtime:
             kv_f32=options.kv_f32, flash_attn=0 if options.kv_f32 else -1, verbose=options.verbose,
             extra_bufts=weight_layouts_safe() if options.extra_bufts is None else options.extra_bufts)
         self.native = NativeModel(str(model_path), self.context_params)
+        self._continuations = True   # multi-token choices scored after their shared prompt (choice_scores)
         self.attachments: list[Attachment] = []
 
     def close(self):
@@ -130,12 +145,14 @@ class Runtime:
         nll, count = self.native.loss(tokens, targets, start)
         return LossResult(nll, count)
 
-    def choice_scores(self, examples: list[Example]) -> list[np.ndarray]:
+    def choice_scores(self, examples: list[Example], share_prompts: bool = True) -> list[np.ndarray]:
         """Per multiple-choice example, the mean log-likelihood per token of each choice.
 
         Rows whose choices are all one token after the same prompt are scored from a
-        single forward of the prompt (the next-token log-probabilities of the choices);
-        other rows evaluate every choice as its own sequence."""
+        single forward of the prompt (the next-token log-probabilities of the choices); rows
+        whose longer choices share a prompt decode it once and each choice on top of its cache
+        (`share_prompts`, False: as whole sequences, the reference); other rows evaluate every
+        choice as its own sequence."""
         if not examples or any(not e.choices for e in examples):
             raise InvalidInputError("every example needs 'choices' to be scored by them")
         scores: list[np.ndarray | None] = [None] * len(examples)
@@ -147,6 +164,14 @@ class Runtime:
             for i, logp in zip(single, self.native.next_logprobs(np.concatenate(prompts), start, cands)):
                 scores[i] = logp
         rest = [i for i in range(len(examples)) if scores[i] is None]
+        shared = [i for i in rest if shared_prompt(examples[i]) is not None] if share_prompts and self._continuations else []
+        if shared:
+            try:
+                for i, s in zip(shared, self._scores_after_shared_prompts([examples[i] for i in shared])):
+                    scores[i] = s
+            except NativeRuntimeError:       # a recurrent model's memory cannot drop a tail: whole sequences
+                self._continuations = False
+        rest = [i for i in rest if scores[i] is None]
         if rest:
             r = self.loss([c for i in rest for c in examples[i].choices])
             per_token = -r.nll / np.maximum(r.count, 1)
@@ -155,6 +180,18 @@ class Runtime:
                 n = len(examples[i].choices)
                 scores[i], k = per_token[k: k + n], k + n
         return scores
+
+    def _scores_after_shared_prompts(self, examples: list[Example]) -> list[np.ndarray]:
+        """Multi-token choices after a prompt they share: the prompt decoded once, each choice on
+        top of its cache (ez_continuation_loss), instead of one whole sequence per choice."""
+        prefixes, conts = [], []
+        for p, e in enumerate(examples):
+            n = shared_prompt(e)
+            prefixes.append(e.choices[0].tokens[:n])
+            conts += [(p, c.tokens[n:], c.targets[n:]) for c in e.choices]
+        nll, count = self.native.continuation_loss(prefixes, conts)
+        per_token = -nll / np.maximum(count, 1)
+        return np.split(per_token, np.cumsum([len(e.choices) for e in examples])[:-1])
 
     def accuracy(self, examples: list[Example]) -> float:
         """Share of multiple-choice examples whose answer has the highest mean log-likelihood."""
@@ -179,6 +216,20 @@ class Runtime:
             yield text
         if pending:
             yield pending.decode("utf-8", "replace")
+
+
+def shared_prompt(e: Example) -> int | None:
+    """Length of the prompt every choice of `e` starts with, up to its first scored token, or None
+    where the choices do not share one."""
+    first = e.choices[0]
+    scored = np.flatnonzero(first.targets)
+    if len(scored) == 0 or scored[0] == 0:
+        return None
+    n = int(scored[0])
+    for c in e.choices:
+        if len(c.tokens) <= n or np.any(c.targets[:n]) or not np.array_equal(c.tokens[:n], first.tokens[:n]):
+            return None
+    return n
 
 
 def single_token_choices(e: Example) -> bool:

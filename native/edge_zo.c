@@ -961,6 +961,154 @@ int ez_next_logprobs(ez_model *m, const int32_t *tokens, const int32_t *seq_star
     return rc;
 }
 
+/* ---- continuations of shared prefixes -------------------------------------- */
+
+/* The prefix decode's rows: the last prefix token's logits score the first token of each of the
+ * prefix's continuations. row[i] belongs to prefix at[i]. */
+static void add_first_tokens(ez_model *m, const int32_t *cont_tokens, const uint8_t *cont_target,
+                             const int32_t *cont_start, const int32_t *cont_prefix, int32_t n_cont, int32_t n,
+                             const int32_t *at, const float **rows, double *nll, int32_t *count) {
+    const int32_t n_vocab = ez_n_vocab(m);
+    for (int32_t c = 0; c < n_cont; c++) {
+        const int32_t first = cont_start[c];
+        if (!cont_target[first]) continue;
+        for (int32_t i = 0; i < n; i++)
+            if (at[i] == cont_prefix[c]) {
+                nll[c] += token_nll(rows[i], n_vocab, cont_tokens[first]);
+                count[c]++;
+            }
+    }
+}
+
+/* Index of the r-th continuation of prefix p, or -1. */
+static int32_t nth_continuation(const int32_t *cont_prefix, int32_t n_cont, int32_t p, int32_t r) {
+    for (int32_t c = 0, seen = 0; c < n_cont; c++)
+        if (cont_prefix[c] == p && seen++ == r) return c;
+    return -1;
+}
+
+int ez_continuation_loss(ez_model *m, const int32_t *prefix_tokens, const int32_t *prefix_start, int32_t n_prefix,
+                         const int32_t *cont_tokens, const uint8_t *cont_target, const int32_t *cont_start,
+                         const int32_t *cont_prefix, int32_t n_cont, double *nll, int32_t *count) {
+    int rc = check_sequences(m, prefix_tokens, prefix_start, n_prefix);
+    if (rc != EZ_OK) return rc;
+    if (n_cont < 1 || cont_start[0] != 0) return fail(EZ_ERR_INVALID, "no continuations given");
+    const int32_t n_vocab = ez_n_vocab(m), n_ctx_seq = ez_n_ctx_seq(m), n_seq_max = ez_n_seq_max(m);
+    int32_t *longest = calloc((size_t)n_prefix, sizeof *longest); /* longest continuation of each prefix */
+    int32_t *out_at = malloc((size_t)m->n_batch * sizeof *out_at);   /* per logits row: prefix or token index */
+    int32_t *out_c = malloc((size_t)m->n_batch * sizeof *out_c);     /* per logits row: its continuation */
+    int32_t *out_idx = malloc((size_t)m->n_batch * sizeof *out_idx); /* per logits row: its batch position */
+    const float **rows = malloc((size_t)m->n_batch * sizeof *rows);
+    if (!longest || !out_at || !out_c || !out_idx || !rows) {
+        rc = fail(EZ_ERR_NOMEM, "out of memory");
+        goto done;
+    }
+    for (int32_t c = 0; c < n_cont && rc == EZ_OK; c++) {
+        const int32_t p = cont_prefix[c], len = cont_start[c + 1] - cont_start[c];
+        if (p < 0 || p >= n_prefix) {
+            rc = fail(EZ_ERR_INVALID, "continuation %d: prefix %d out of range", c, p);
+            break;
+        }
+        if (len < 1) {
+            rc = fail(EZ_ERR_INVALID, "continuation %d is empty", c);
+            break;
+        }
+        const int32_t total = prefix_start[p + 1] - prefix_start[p] + len;
+        if (total > n_ctx_seq)
+            rc = fail(EZ_ERR_INVALID, "continuation %d has %d tokens with its prefix; this context holds %d per sequence",
+                      c, total, n_ctx_seq);
+        for (int32_t i = cont_start[c]; i < cont_start[c + 1] && rc == EZ_OK; i++)
+            if (cont_tokens[i] < 0 || cont_tokens[i] >= n_vocab)
+                rc = fail(EZ_ERR_INVALID, "continuation %d: token %d out of range", c, cont_tokens[i]);
+        if (len > longest[p]) longest[p] = len;
+        nll[c] = 0.0;
+        count[c] = 0;
+    }
+    llama_memory_t mem = llama_get_memory(m->ctx);
+    for (int32_t p0 = 0; p0 < n_prefix && rc == EZ_OK;) {
+        /* A group: prefixes that fit one decode, with every round of their continuations. */
+        int32_t p1 = p0, n_tok = 0, n_round = 0;
+        while (p1 < n_prefix && p1 - p0 < n_seq_max && n_tok + prefix_start[p1 + 1] - prefix_start[p1] <= m->n_batch &&
+               n_round + longest[p1] <= m->n_batch) {
+            n_tok += prefix_start[p1 + 1] - prefix_start[p1];
+            n_round += longest[p1];
+            p1++;
+        }
+        if (p1 == p0) {
+            rc = fail(EZ_ERR_INVALID, "prefix %d does not fit one decode of %d tokens", p0, m->n_batch);
+            break;
+        }
+        /* Changed weights invalidate every cached key and value. */
+        llama_memory_clear(mem, true);
+        m->gen_active = 0;
+        m->batch.n_tokens = 0;
+        int32_t n_out = 0;
+        for (int32_t p = p0; p < p1; p++)
+            for (int32_t i = prefix_start[p]; i < prefix_start[p + 1]; i++) {
+                const bool last = i + 1 == prefix_start[p + 1];
+                if (last) {
+                    out_at[n_out] = p;
+                    out_idx[n_out++] = m->batch.n_tokens;
+                }
+                batch_add(&m->batch, prefix_tokens[i], i - prefix_start[p], p - p0, last);
+            }
+        rc = decode(m);
+        for (int32_t i = 0; i < n_out && rc == EZ_OK; i++) {
+            rows[i] = llama_get_logits_ith(m->ctx, out_idx[i]);
+            if (!rows[i]) rc = fail(EZ_ERR_RUNTIME, "llama.cpp returned no logits for prefix %d", out_at[i]);
+        }
+        if (rc == EZ_OK)
+            add_first_tokens(m, cont_tokens, cont_target, cont_start, cont_prefix, n_cont, n_out, out_at, rows, nll, count);
+        /* Round r: the r-th continuation of every prefix of the group on top of the prefix's
+         * cache, then those tokens dropped again. A continuation's last token predicts nothing
+         * scored, so a one-token continuation needs no round at all. */
+        for (int32_t r = 0; rc == EZ_OK; r++) {
+            int32_t any = 0;
+            m->batch.n_tokens = 0;
+            n_out = 0;
+            for (int32_t p = p0; p < p1; p++) {
+                const int32_t k = nth_continuation(cont_prefix, n_cont, p, r);
+                if (k < 0) continue;
+                any = 1;
+                const int32_t plen = prefix_start[p + 1] - prefix_start[p];
+                for (int32_t i = cont_start[k]; i + 1 < cont_start[k + 1]; i++) {
+                    const bool want = cont_target[i + 1] != 0;
+                    if (want) {
+                        out_at[n_out] = i;
+                        out_c[n_out] = k;
+                        out_idx[n_out++] = m->batch.n_tokens;
+                    }
+                    batch_add(&m->batch, cont_tokens[i], plen + i - cont_start[k], p - p0, want);
+                }
+            }
+            if (!any) break;
+            if (m->batch.n_tokens == 0) continue;
+            rc = decode(m);
+            for (int32_t i = 0; i < n_out && rc == EZ_OK; i++) {
+                const float *row = llama_get_logits_ith(m->ctx, out_idx[i]);
+                if (!row) {
+                    rc = fail(EZ_ERR_RUNTIME, "llama.cpp returned no logits for continuation %d", out_c[i]);
+                    break;
+                }
+                nll[out_c[i]] += token_nll(row, n_vocab, cont_tokens[out_at[i] + 1]);
+                count[out_c[i]]++;
+            }
+            for (int32_t p = p0; p < p1 && rc == EZ_OK; p++)
+                if (!llama_memory_seq_rm(mem, p - p0, prefix_start[p + 1] - prefix_start[p], -1))
+                    rc = fail(EZ_ERR_RUNTIME, "this model's memory cannot drop a continuation from its cache; "
+                                              "score whole sequences instead");
+        }
+        p0 = p1;
+    }
+done:
+    free(longest);
+    free(out_at);
+    free(out_c);
+    free(out_idx);
+    free(rows);
+    return rc;
+}
+
 /* ---- generation ---------------------------------------------------------- */
 
 int ez_generate_begin(ez_model *m, const int32_t *prompt, int32_t n, float temperature, float top_p, uint32_t seed) {

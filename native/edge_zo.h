@@ -89,6 +89,18 @@ int ez_loss(ez_model *m, const int32_t *tokens, const uint8_t *target,
 int ez_next_logprobs(ez_model *m, const int32_t *tokens, const int32_t *seq_start, int32_t n_seq,
                      const int32_t *cand, const int32_t *cand_start, double *logp);
 
+/* Losses of continuations that share prefixes: the multi-token choices of a prompt, each prompt
+ * decoded once instead of once per choice. Continuation c follows prefix cont_prefix[c]; its
+ * tokens cont_tokens[cont_start[c] .. cont_start[c+1]) sit right after that prefix and
+ * cont_target flags the ones scored. nll[c] and count[c] are what ez_loss gives for the sequence
+ * prefix + continuation with those targets. Prefixes are decoded together; then, round by round,
+ * each prefix's next continuation is decoded on top of its cached keys and values and removed
+ * again (llama_memory_seq_rm). EZ_ERR_RUNTIME if this model's memory cannot remove a tail
+ * (recurrent models): score whole sequences with ez_loss there. */
+int ez_continuation_loss(ez_model *m, const int32_t *prefix_tokens, const int32_t *prefix_start, int32_t n_prefix,
+                         const int32_t *cont_tokens, const uint8_t *cont_target, const int32_t *cont_start,
+                         const int32_t *cont_prefix, int32_t n_cont, double *nll, int32_t *count);
+
 /* Generation: begin with a prompt, then call next until *token is -1. */
 int ez_generate_begin(ez_model *m, const int32_t *prompt, int32_t n, float temperature,
                       float top_p, uint32_t seed);

@@ -462,6 +462,59 @@ static void test_next_logprobs(ez_model *m, const loss_set *ls, int exact) {
     free(prefix);
 }
 
+/* ez_continuation_loss: each sequence split into a prefix (its first 2 tokens) and up to two
+ * continuations (the rest, and the rest without its last token; one token for the shortest),
+ * must score as ez_loss scores prefix + continuation with the same targets; and refuse a
+ * continuation whose prefix does not exist. */
+static void test_continuations(ez_model *m, const loss_set *ls, int exact) {
+    enum { P = 2 };
+    const int32_t n_tok = ls->seq_start[N_SEQ];
+    int32_t pre[N_SEQ * P], pre_start[N_SEQ + 1] = {0}, c_start[2 * N_SEQ + 1] = {0}, c_prefix[2 * N_SEQ];
+    int32_t *c_tok = malloc((size_t)2 * n_tok * sizeof *c_tok);
+    uint8_t *c_tgt = malloc((size_t)2 * n_tok);
+    double nll[2 * N_SEQ];
+    int32_t count[2 * N_SEQ], n_c = 0;
+    if (!check(c_tok && c_tgt, "continuations: allocation", "")) goto done;
+    for (int s = 0; s < N_SEQ; s++) {
+        const int32_t a = ls->seq_start[s], len = ls->seq_start[s + 1] - a;
+        memcpy(pre + pre_start[s], ls->tokens + a, P * sizeof *pre);
+        pre_start[s + 1] = pre_start[s] + P;
+        for (int k = 0; k < 2 && len - P - k >= 1; k++, n_c++) {
+            const int32_t n = len - P - k, at = c_start[n_c];
+            memcpy(c_tok + at, ls->tokens + a + P, (size_t)n * sizeof *c_tok);
+            for (int32_t i = 0; i < n; i++) c_tgt[at + i] = (uint8_t)(ls->target[a + P + i] || s == 3);
+            c_start[n_c + 1] = at + n;
+            c_prefix[n_c] = s;
+        }
+    }
+    int rc = ez_continuation_loss(m, pre, pre_start, N_SEQ, c_tok, c_tgt, c_start, c_prefix, n_c, nll, count);
+    int ok = check(rc == EZ_OK, "continuations: one or two after each of four prefixes", "%s", ez_last_error());
+    double worst = 0.0;
+    for (int c = 0; c < n_c && ok; c++) {
+        int32_t toks[256], range[2] = {0, 0};
+        uint8_t tg[256] = {0};
+        const int32_t n = c_start[c + 1] - c_start[c];
+        memcpy(toks, pre + pre_start[c_prefix[c]], P * sizeof *toks);
+        memcpy(toks + P, c_tok + c_start[c], (size_t)n * sizeof *toks);
+        memcpy(tg + P, c_tgt + c_start[c], (size_t)n);
+        range[1] = P + n;
+        double ref;
+        int32_t ref_count;
+        ok &= ez_loss(m, toks, tg, range, 1, &ref, &ref_count) == EZ_OK && ref_count == count[c];
+        worst = fmax(worst, fabs(ref - nll[c]));
+    }
+    /* Batch layouts differ (prefixes together, continuations on top of the cache), so float
+     * matmuls may tile differently, as in test_batching. */
+    check(ok && worst <= (exact ? 1e-9 : 1e-4), "continuations: equal to ez_loss of prefix + continuation",
+          "max difference %.3g", worst);
+    c_prefix[0] = N_SEQ;
+    expect_error(ez_continuation_loss(m, pre, pre_start, N_SEQ, c_tok, c_tgt, c_start, c_prefix, n_c, nll, count),
+                 EZ_ERR_INVALID, "out of range", "continuations: a prefix index out of range");
+done:
+    free(c_tok);
+    free(c_tgt);
+}
+
 static void test_sparse_errors(ez_model *m, const weight *q, const loss_set *ls, double base) {
     int64_t idx[4] = {0, 1, 2, 3}, slot = -7;
     float v[4] = {1, 1, 1, 1};
@@ -908,6 +961,7 @@ int main(int argc, char **argv) {
         test_batching(m, &ls, exact, &base);
         test_loss_errors(m, &ls, base);
         test_next_logprobs(m, &ls, exact);
+        test_continuations(m, &ls, exact);
         test_sparse_errors(m, &ws[1], &ls, base);
         test_wrong_shape(m, &ws[1], &ls, base, "MUL_MAT");
         test_wrong_shape(m, &ws[0], &ls, base, "GET_ROWS");

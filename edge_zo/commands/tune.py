@@ -45,7 +45,7 @@ from ..distributed import Team, World
 from ..errors import DivergedError, EdgeZoError, InvalidInputError, WorkerLostError
 from ..lr_search import LR_GRID  # noqa: F401  (the grid `--lr auto` searches for sgd, named by the docs and tests)
 from ..model_info import ModelInfo, file_sha256
-from ..runtime import Runtime, RuntimeOptions
+from ..runtime import Runtime, RuntimeOptions, slow_cpu_type
 from ..trainer import Interrupted, LoopConfig, LoopState, batch_indices, gather_local, train
 from ..tune_settings import RESUMABLE, TuneSettings, add_arguments, load_config, resolve
 from ._common import add_allow_other_base, find_sidecar
@@ -212,6 +212,11 @@ def _attach(s, world, team, out, rt, train_ex, valid_ex, sidecar_path) -> _Job:
                _shard(len(train_ex), s.shard_data and world.size or 1, world.rank), obj)
     job.say(f"tuning {sidecar.n_params:,} coordinates in {len(sidecar.names)} matrices ({note}) on the "
             f"{obj.value} objective" + (f", {world.size} workers" if world.size > 1 else ""))
+    slow = slow_cpu_type(rt.info) if s.gpu_layers == 0 else None
+    if slow:
+        job.say(f"note: this model's block matmuls are {slow}, whose llama.cpp CPU kernels are the slowest 4-bit ones: "
+                f"a Q4_0 copy (edge-zo convert {s.model} --quant Q4_0 -o DIR) runs SmolLM2's forwards 2.3-2.9x faster "
+                "on 2 cores, for +10% perplexity (docs/runtime.md)")
     if s.directions % world.size:
         job.say(f"note: --directions {s.directions} does not divide among {world.size} workers: some wait for the "
                 f"others every step; --directions {world.size} or a multiple keeps all busy")
