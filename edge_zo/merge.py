@@ -23,7 +23,7 @@ in loss.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,7 +101,8 @@ class PlannedTensor:
         return self.source_type != self.output_type
 
 
-def plan_merge(model: ModelInfo, adapter: SparseAdapter, edited_type: str | None = None) -> dict[str, PlannedTensor]:
+def plan_merge(model: ModelInfo, adapter: SparseAdapter, edited_type: str | None = None,
+               types: Mapping[str, str] | None = None) -> dict[str, PlannedTensor]:
     """The output type of every weight the adapter edits; raises, listing every
     weight that cannot be merged, before anything is written.
 
@@ -109,17 +110,21 @@ def plan_merge(model: ModelInfo, adapter: SparseAdapter, edited_type: str | None
     cannot quantize its type (K-quants). `edited_type` (one of REQUANTIZABLE)
     writes every edited weight in that type instead: deltas smaller than half a
     4-bit step vanish when re-quantized to 4 bits, and survive in Q8_0 or F16.
+    `types` names the type of single weights and wins over both (what
+    `edge_zo.merge_types.choose_types` measured).
     """
     import gguf
 
-    if edited_type is not None and edited_type not in REQUANTIZABLE:
-        raise InvalidInputError(f"cannot write edited weights as {edited_type}; "
-                                f"choose one of {', '.join(REQUANTIZABLE)}")
+    types = dict(types or {})
+    for wanted in ([edited_type] if edited_type is not None else []) + sorted(set(types.values())):
+        if wanted not in REQUANTIZABLE:
+            raise InvalidInputError(f"cannot write edited weights as {wanted}; "
+                                    f"choose one of {', '.join(REQUANTIZABLE)}")
     adapter.check_against(model, "the adapter")
     plan, problems = {}, []
     for name in adapter.names:
         t = model.tensors[name]
-        out = edited_type or (t.type_name if t.type_name in REQUANTIZABLE else FALLBACK_TYPE)
+        out = types.get(name) or edited_type or (t.type_name if t.type_name in REQUANTIZABLE else FALLBACK_TYPE)
         block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[out]][0]
         qtype = getattr(gguf.GGMLQuantizationType, t.type_name, None)
         if out == t.type_name:
@@ -291,16 +296,17 @@ def output_nbytes(model: ModelInfo, plan: dict[str, PlannedTensor]) -> int:
 
 
 def merge_into_gguf(model_path: str | Path, adapter: SparseAdapter, out_path: str | Path, *,
-                    edited_type: str | None = None, progress: bool = True) -> MergeReport:
+                    edited_type: str | None = None, types: Mapping[str, str] | None = None,
+                    progress: bool = True) -> MergeReport:
     """Write `model_path` with `adapter` folded into its weights to `out_path`,
     atomically (a temporary file in the destination folder, then a rename).
-    `edited_type`: see `plan_merge`."""
+    `edited_type`, `types`: see `plan_merge`."""
     import gguf
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     model = ModelInfo.open(model_path)
-    plan = plan_merge(model, adapter, edited_type)
+    plan = plan_merge(model, adapter, edited_type, types)
     out_path = Path(out_path)
     edits = {name: (adapter.indices[i], adapter.weight_values(i)) for i, name in enumerate(adapter.names)}
     report = MergeReport(out_path, bytes_in=model.path.stat().st_size)
