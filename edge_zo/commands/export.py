@@ -18,9 +18,12 @@ become Q8_0, most error removed per byte first, until the file reaches --max-siz
 size. --edited-type forces one type for every edited weight instead.
 
 How the LoRA is made: each weight's delta is sparse and sits in a few input columns, so its
-activation-weighted SVD is short; ranks are chosen over all weights together, largest share of
-the deltas' effect per byte first, until --lora-keep of it is captured or the adapter reaches
---lora-max-size of the model's size.
+activation-weighted SVD is short; each weight gets the fewest ranks that capture --lora-keep of
+its own delta, and over --lora-max-size of the model's size the ranks holding the least of their
+weight per byte go first.
+
+Measured on SmolLM2 (docs/export.md): the merged file at 1.15x kept the loss (-0.4%) but moved 2 of
+96 answers; the LoRA, 1.9% of the model's size, kept 99.7% of the loss improvement.
 
 With --data, every variant is scored on the rows in one pass each (loss and, for rows with
 choices, accuracy): the original model (MODEL + sidecar, before tuning), the adapter path (+ the
@@ -425,7 +428,8 @@ def _summary(r: dict, report_path: Path) -> str:
             lines.append(f"verdict   merged: loss {m['loss_gap']:+.1%} against the adapter path{acc}: " + (
                 "keeps the tuned result" if m["ok"] else
                 f"KEEPS LESS THAN IT SHOULD (target: within {MERGED_LOSS_TOLERANCE:.0%} and "
-                f"{MERGED_ACCURACY_TOLERANCE * 100:.0f} point); raise --max-size or use --edited-type Q8_0"))
+                f"{MERGED_ACCURACY_TOLERANCE * 100:.0f} point); a larger --max-size keeps more of the deltas "
+                "(docs/export.md measures how much)"))
         if "lora" in vd:
             lv = vd["lora"]
             kept = "n/a (the deltas do not move the loss)" if lv["improvement_kept"] is None else \
