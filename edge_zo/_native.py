@@ -6,6 +6,8 @@ back as plain Python or numpy values. Nothing above this module sees a cdata.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,6 +139,11 @@ class NativeModel:
         return {"host": int(lib.ez_host_count(m)), "cuda": int(lib.ez_cuda_count(m)),
                 "fallback": int(lib.ez_fallback_count(m))}
 
+    @property
+    def decode_count(self) -> int:
+        """llama_decode calls so far."""
+        return int(lib.ez_decode_count(self._live()))
+
     # ---- text ----
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> np.ndarray:
@@ -213,10 +220,46 @@ class NativeModel:
         _check(lib.ez_sparse_remove(self._live(), int(slot)))
         self._slots.pop(int(slot), None)
 
+    # ---- perturbation groups ----
+
+    @property
+    def can_group(self) -> bool:
+        """Whether `groups` works for this model (not for recurrent or hybrid memories)."""
+        return bool(lib.ez_can_group(self._live()))
+
+    @contextlib.contextmanager
+    def groups(self, base: np.ndarray, sets: list[np.ndarray]) -> Iterator[None]:
+        """Within the block, sequences given a group g in `loss` and `next_logprobs` read sets[g]
+        wherever an attached slot's values lie in `base` (see ez_groups_set): several value sets
+        evaluated in one llama_decode."""
+        for name, a in [("base", base)] + [(f"value set {g}", v) for g, v in enumerate(sets)]:
+            if not isinstance(a, np.ndarray) or a.dtype != np.float32 or not a.flags.c_contiguous or a.ndim != 1:
+                raise InvalidInputError(f"{name} must be a contiguous one-dimensional float32 array")
+            if len(a) != len(base):
+                raise InvalidInputError(f"{name} has {len(a)} values, the base {len(base)}")
+        views = [ffi.from_buffer("float[]", v) for v in sets]   # C borrows them until the block ends
+        ptrs = ffi.new("float *[]", views)
+        _check(lib.ez_groups_set(self._live(), ffi.from_buffer("float[]", base), len(base), ptrs, len(sets)))
+        try:
+            yield
+        finally:
+            lib.ez_groups_clear(self._live())
+            del views, ptrs
+
+    @staticmethod
+    def _groups(seq_group, n_seq: int):
+        if seq_group is None:
+            return ffi.NULL, None
+        g = _array(seq_group, np.int32, "seq_group")
+        if len(g) != n_seq:
+            raise InvalidInputError(f"{len(g)} sequence groups for {n_seq} sequences")
+        return ffi.from_buffer("int32_t[]", g), g
+
     # ---- loss and generation ----
 
-    def loss(self, tokens, targets, seq_start) -> tuple[np.ndarray, np.ndarray]:
-        """Summed target NLL and target count per sequence (see ez_loss)."""
+    def loss(self, tokens, targets, seq_start, seq_group=None) -> tuple[np.ndarray, np.ndarray]:
+        """Summed target NLL and target count per sequence (see ez_loss); seq_group: the value
+        set of each sequence, inside `groups`."""
         tok = _array(tokens, np.int32, "tokens")
         tgt = _array(targets, np.uint8, "targets")
         start = _array(seq_start, np.int32, "seq_start")
@@ -225,12 +268,13 @@ class NativeModel:
         n_seq = len(start) - 1
         nll = np.zeros(n_seq, dtype=np.float64)
         count = np.zeros(n_seq, dtype=np.int32)
+        groups, _keep = self._groups(seq_group, n_seq)
         _check(lib.ez_loss(self._live(), ffi.from_buffer("int32_t[]", tok), ffi.from_buffer("uint8_t[]", tgt),
-                           ffi.from_buffer("int32_t[]", start), n_seq,
+                           ffi.from_buffer("int32_t[]", start), n_seq, groups,
                            ffi.from_buffer("double[]", nll), ffi.from_buffer("int32_t[]", count)))
         return nll, count
 
-    def next_logprobs(self, tokens, seq_start, candidates: list[np.ndarray]) -> list[np.ndarray]:
+    def next_logprobs(self, tokens, seq_start, candidates: list[np.ndarray], seq_group=None) -> list[np.ndarray]:
         """log p(c | sequence s) of each candidate token c after the whole of sequence s
         (see ez_next_logprobs): one forward scores every single-token choice of a prompt."""
         tok = _array(tokens, np.int32, "tokens")
@@ -241,8 +285,9 @@ class NativeModel:
         cand = _array(np.concatenate(candidates) if candidates else [], np.int32, "candidates")
         cand_start = np.cumsum([0] + [len(c) for c in candidates]).astype(np.int32)
         logp = np.zeros(len(cand), dtype=np.float64)
+        groups, _keep = self._groups(seq_group, n_seq)
         _check(lib.ez_next_logprobs(self._live(), ffi.from_buffer("int32_t[]", tok),
-                                    ffi.from_buffer("int32_t[]", start), n_seq,
+                                    ffi.from_buffer("int32_t[]", start), n_seq, groups,
                                     ffi.from_buffer("int32_t[]", cand), ffi.from_buffer("int32_t[]", cand_start),
                                     ffi.from_buffer("double[]", logp)))
         return np.split(logp, cand_start[1:-1])

@@ -29,6 +29,9 @@ class RuntimeOptions:
     # one-by-one losses bit for bit on the CPU.
     kv_unified: bool | None = None
     ubatch: int = 0              # tokens per graph; 0: 512 on the CPU, the whole batch up to 1024 on a GPU
+    # Value sets evaluated in one decode (ValueSets; an SPSA step's θ±εz over its directions: 2 × directions):
+    # the context holds batch_size × groups sequences.
+    groups: int = 1
     # llama.cpp's extra CPU weight layouts (runtime-repacked Q4_0/IQ4_NL/Q8_0 blocks; AMX tiles on
     # CPUs with AMX). None: on unless this machine offers AMX (see weight_layouts_safe).
     extra_bufts: bool | None = None
@@ -60,6 +63,19 @@ def weight_layouts_safe(offered: list[str] | None = None) -> bool:
     return not any(name.upper().startswith("AMX") for name in offered)
 
 
+@dataclass(frozen=True)
+class ValueSets:
+    """Several value sets for the sparse values that attached adapters read from `live` (an SPSA
+    step's θ+εz and θ−εz, for each of its directions): evaluated together, set k as if `live`
+    held sets[k]. Slots reading other arrays (a fixed adapter underneath) are the same in all."""
+
+    live: np.ndarray
+    sets: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.sets)
+
+
 @dataclass
 class Attachment:
     adapter: SparseAdapter
@@ -82,22 +98,27 @@ class Runtime:
         self.info = ModelInfo.open(model_path)
         self.options = options
         threads = options.threads or os.cpu_count() or 1
-        n_batch = max(options.max_tokens, min(options.batch_size * options.max_tokens, 4096))
+        if options.groups < 1:
+            raise InvalidInputError(f"groups must be at least 1, got {options.groups}")
+        n_seq = options.batch_size * options.groups
+        n_batch = max(options.max_tokens, min(n_seq * options.max_tokens, 4096 * options.groups))
         on_gpu = options.gpu_layers > 0
         kv_unified = options.kv_unified
         if kv_unified is None:
             kv_unified = on_gpu and options.max_tokens < 256 and options.batch_size > 1
         # Each node the sparse path patches stops llama.cpp's graph; on a GPU every stop costs a
-        # synchronization, so one graph for the whole batch (16 x 64 tokens: 1024) halves them.
-        ubatch = options.ubatch or (min(n_batch, 1024) if on_gpu else 512)
+        # synchronization, so one graph for the whole batch (16 x 64 tokens: 1024) halves them, and
+        # one for all the value sets of a step (groups) halves them again.
+        ubatch = options.ubatch or (min(n_batch, 1024 * options.groups) if on_gpu else 512)
         self.context_params = ContextParams(
-            n_ctx_seq=options.max_tokens, n_seq_max=options.batch_size, n_batch=n_batch,
+            n_ctx_seq=options.max_tokens, n_seq_max=n_seq, n_batch=n_batch,
             n_ubatch=ubatch, n_threads=threads, n_gpu_layers=options.gpu_layers, kv_unified=kv_unified,
             # Flash attention rounds K and V through F16 whatever the cache type: off with an F32 cache.
             kv_f32=options.kv_f32, flash_attn=0 if options.kv_f32 else -1, verbose=options.verbose,
             extra_bufts=weight_layouts_safe() if options.extra_bufts is None else options.extra_bufts)
         self.native = NativeModel(str(model_path), self.context_params)
         self._continuations = True   # multi-token choices scored after their shared prompt (choice_scores)
+        self._groups_ok = self.native.can_group   # value sets evaluated in one decode (ValueSets)
         self.attachments: list[Attachment] = []
 
     def close(self):
@@ -137,15 +158,67 @@ class Runtime:
 
     def loss(self, examples: list[Example]) -> LossResult:
         """Per-example summed NLL of the target tokens, all in as few decodes as fit."""
+        return self.losses(examples)[0]
+
+    def losses(self, examples: list[Example], value_sets: ValueSets | None = None) -> list[LossResult]:
+        """loss(examples) under each value set (one result without value sets), all in as few
+        decodes as fit: each set evaluates its own copies of the examples' sequences."""
         if not examples:
             raise InvalidInputError("no examples to evaluate")
-        tokens = np.concatenate([e.tokens for e in examples])
-        targets = np.concatenate([e.targets for e in examples])
-        start = np.cumsum([0] + [len(e.tokens) for e in examples]).astype(np.int32)
-        nll, count = self.native.loss(tokens, targets, start)
-        return LossResult(nll, count)
+        n = len(examples)
+        per_set = self._per_set(value_sets, lambda: [self.loss(examples)])
+        if per_set is not None:
+            return per_set
+        k = 1 if value_sets is None else len(value_sets)
+        tokens = np.concatenate([e.tokens for e in examples] * k)
+        targets = np.concatenate([e.targets for e in examples] * k)
+        start = np.cumsum([0] + [len(e.tokens) for e in examples] * k).astype(np.int32)
+        with self._grouped(value_sets) as seq_group:
+            nll, count = self.native.loss(tokens, targets, start, None if seq_group is None else seq_group(n))
+        return [LossResult(nll[i * n:(i + 1) * n], count[i * n:(i + 1) * n]) for i in range(k)]
+
+    def _grouped(self, value_sets: ValueSets | None):
+        """A context in which the native calls take seq_group(n): n sequences per value set, set by set
+        (None without value sets)."""
+        import contextlib
+
+        if value_sets is None:
+            return contextlib.nullcontext(None)
+        k = len(value_sets)
+
+        @contextlib.contextmanager
+        def block():
+            with self.native.groups(value_sets.live, value_sets.sets):
+                yield lambda n: np.repeat(np.arange(k, dtype=np.int32), n)
+        return block()
+
+    def _per_set(self, value_sets: ValueSets | None, evaluate) -> list | None:
+        """Where this model cannot evaluate value sets together (recurrent and hybrid memories):
+        evaluate() once per set with the set written into `live`, concatenated; else None."""
+        if value_sets is None or self._groups_ok:
+            return None
+        return self._each_set(value_sets, evaluate)
+
+    @staticmethod
+    def _each_set(value_sets: ValueSets, evaluate) -> list:
+        live = value_sets.live
+        kept = live.copy()
+        out = []
+        try:
+            for values in value_sets.sets:
+                live[:] = values
+                out += evaluate()
+        finally:
+            live[:] = kept
+        return out
 
     def choice_scores(self, examples: list[Example], share_prompts: bool = True) -> list[np.ndarray]:
+        """Per multiple-choice example, the mean log-likelihood per token of each choice (see
+        choice_scores_under)."""
+        return self.choice_scores_under(examples, None, share_prompts)[0]
+
+    def choice_scores_under(self, examples: list[Example], value_sets: ValueSets | None,
+                            share_prompts: bool = True) -> list[list[np.ndarray]]:
         """Per multiple-choice example, the mean log-likelihood per token of each choice.
 
         Rows whose choices are all one token after the same prompt are scored from a
@@ -155,30 +228,42 @@ class Runtime:
         choice as its own sequence."""
         if not examples or any(not e.choices for e in examples):
             raise InvalidInputError("every example needs 'choices' to be scored by them")
-        scores: list[np.ndarray | None] = [None] * len(examples)
+        per_set = self._per_set(value_sets, lambda: [self.choice_scores(examples, share_prompts)])
+        if per_set is not None:
+            return per_set
+        k = 1 if value_sets is None else len(value_sets)
+        scores: list[list[np.ndarray | None]] = [[None] * len(examples) for _ in range(k)]
         single = [i for i, e in enumerate(examples) if single_token_choices(e)]
         if single:
             prompts = [examples[i].choices[0].tokens[:-1] for i in single]
-            start = np.cumsum([0] + [len(t) for t in prompts]).astype(np.int32)
+            start = np.cumsum([0] + [len(t) for t in prompts] * k).astype(np.int32)
             cands = [np.array([c.tokens[-1] for c in examples[i].choices], np.int32) for i in single]
-            for i, logp in zip(single, self.native.next_logprobs(np.concatenate(prompts), start, cands)):
-                scores[i] = logp
-        rest = [i for i in range(len(examples)) if scores[i] is None]
+            with self._grouped(value_sets) as seq_group:
+                logps = self.native.next_logprobs(np.concatenate(prompts * k), start, cands * k,
+                                                  None if seq_group is None else seq_group(len(single)))
+            for j, logp in enumerate(logps):
+                scores[j // len(single)][single[j % len(single)]] = logp
+        rest = [i for i in range(len(examples)) if scores[0][i] is None]
         shared = [i for i in rest if shared_prompt(examples[i]) is not None] if share_prompts and self._continuations else []
         if shared:
+            # Prompts decoded once and each choice on its cache: one value set at a time.
+            group = [examples[i] for i in shared]
             try:
-                for i, s in zip(shared, self._scores_after_shared_prompts([examples[i] for i in shared])):
-                    scores[i] = s
+                per = ([self._scores_after_shared_prompts(group)] if value_sets is None else
+                       self._each_set(value_sets, lambda: [self._scores_after_shared_prompts(group)]))
+                for j, s in enumerate(per):
+                    for i, si in zip(shared, s):
+                        scores[j][i] = si
             except NativeRuntimeError:       # a recurrent model's memory cannot drop a tail: whole sequences
                 self._continuations = False
-        rest = [i for i in rest if scores[i] is None]
+        rest = [i for i in rest if scores[0][i] is None]
         if rest:
-            r = self.loss([c for i in rest for c in examples[i].choices])
-            per_token = -r.nll / np.maximum(r.count, 1)
-            k = 0
-            for i in rest:
-                n = len(examples[i].choices)
-                scores[i], k = per_token[k: k + n], k + n
+            for j, r in enumerate(self.losses([c for i in rest for c in examples[i].choices], value_sets)):
+                per_token = -r.nll / np.maximum(r.count, 1)
+                at = 0
+                for i in rest:
+                    n = len(examples[i].choices)
+                    scores[j][i], at = per_token[at: at + n], at + n
         return scores
 
     def _scores_after_shared_prompts(self, examples: list[Example]) -> list[np.ndarray]:

@@ -47,6 +47,7 @@ typedef struct ez_slot {
     int32_t *cols;
     int64_t *expert_start;   /* n_expert+1 offsets into rows/cols */
     const float *values;     /* borrowed from the caller */
+    int64_t group_off;       /* while groups are set: values - groups base, or -1 (not grouped) */
 #ifdef EDGE_ZO_CUDA
     /* Per CUDA device, made when the slot first meets a tensor there. The
      * values are copied once per llama_decode (the caller may change them
@@ -71,6 +72,18 @@ struct ez_model {
     int64_t host_count;      /* nodes patched by the host kernels */
     int64_t cuda_count;      /* nodes patched by the CUDA kernels */
     int64_t epoch;           /* llama_decode calls so far */
+    int kv_unified;          /* llama.cpp splits a decode into micro-batches by split_simple if so, */
+    int32_t n_ubatch;        /* else by split_equal (see plan_ubatches) */
+    int can_group;           /* 0 for recurrent and hybrid models, whose splits differ */
+    /* Perturbation groups (ez_groups_set): the value sets, borrowed. */
+    const float *const *group_sets;
+    int32_t n_groups;
+    /* The micro-batches of the decode being run, when its sequences carry groups: for micro-batch
+     * u, plan_tok[u*n_groups + g] columns of group g (they come in group order), plan_out[...] the
+     * same among the columns that produce logits (what the last layer keeps). plan_cur: the
+     * micro-batch being computed, advanced at each graph's token-embedding lookup. */
+    int32_t plan_n, plan_cap, plan_cur;
+    int32_t *plan_tok, *plan_out, *plan_ntok, *plan_nout;
 #ifdef EDGE_ZO_CUDA
     int64_t cuda_epoch[EZ_CUDA_MAX_DEVICES]; /* the epoch whose values each device holds */
 #endif
@@ -180,12 +193,11 @@ static void note_fallback(const struct ggml_tensor *t, bool is_cuda) {
 /* ---- kernels ------------------------------------------------------------ */
 
 /* y[:, t] += S x[:, t] for every column t (token) of a 2-D-weight MUL_MAT. */
-static void kernel_mul_mat(const ez_slot *s, const char *x, const size_t *xnb, char *y,
+static void kernel_mul_mat(const ez_slot *s, const float *v, const char *x, const size_t *xnb, char *y,
                            const size_t *ynb, const int64_t *ne, int n_threads) {
     const int64_t n_tok = ne[1] * ne[2] * ne[3];
     const int64_t n = s->n;
     const int32_t *rows = s->rows, *cols = s->cols;
-    const float *v = s->values;
     (void)n_threads;
 #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_tok * n >= EZ_PARALLEL_MIN_WORK)
     for (int64_t t = 0; t < n_tok; t++) {
@@ -227,15 +239,15 @@ static int64_t lower_bound(const int32_t *rows, int64_t n, int32_t row) {
 }
 
 /* GET_ROWS: out[:, i] = W[ids[i], :], so add the entries of row ids[i]. */
-static void kernel_get_rows(const ez_slot *s, const char *ids, const size_t *inb, const int64_t *ine,
-                            char *y, const size_t *ynb) {
+static void kernel_get_rows(const ez_slot *s, const float *v, const char *ids, const size_t *inb,
+                            const int64_t *ine, char *y, const size_t *ynb) {
     for (int64_t i2 = 0; i2 < ine[2]; i2++)
         for (int64_t i1 = 0; i1 < ine[1]; i1++)
             for (int64_t i0 = 0; i0 < ine[0]; i0++) {
                 const int32_t r = *(const int32_t *)(ids + i0 * inb[0] + i1 * inb[1] + i2 * inb[2]);
                 float *yr = (float *)(y + i0 * ynb[1] + i1 * ynb[2] + i2 * ynb[3]);
                 for (int64_t j = lower_bound(s->rows, s->n, r); j < s->n && s->rows[j] == r; j++)
-                    yr[s->cols[j]] += s->values[j];
+                    yr[s->cols[j]] += v[j];
             }
 }
 
@@ -260,7 +272,61 @@ static bool shape_matches(ez_model *m, const ez_slot *s, const struct ggml_tenso
     return false;
 }
 
+/* ---- perturbation groups (ez_groups_set) ------------------------------------- */
+
+static bool grouped(const ez_model *m, const ez_slot *s) { return m->plan_n > 0 && s->group_off >= 0; }
+
+/* The values the tokens of group g read in slot s. */
+static const float *slot_values(const ez_model *m, const ez_slot *s, int32_t g) {
+    return grouped(m, s) ? m->group_sets[g] + s->group_off : s->values;
+}
+
+/* Each graph of a decode starts by looking up its micro-batch's tokens: the next planned
+ * micro-batch begins, and its size must be the one planned. */
+static void plan_next(ez_model *m, const struct ggml_tensor *t) {
+    m->plan_cur++;
+    if (m->plan_cur >= m->plan_n || t->src[1]->ne[0] != m->plan_ntok[m->plan_cur])
+        callback_fail(m, "grouped decode: llama.cpp split the batch otherwise than planned (micro-batch %d of %d "
+                      "has %lld tokens)", m->plan_cur + 1, m->plan_n, (long long)t->src[1]->ne[0]);
+}
+
+/* Columns per group of a node with n_col token columns in the current micro-batch: all of its
+ * tokens, or only those that produce logits (llama.cpp's last layer drops the others). */
+static const int32_t *plan_columns(ez_model *m, const char *name, int64_t n_col) {
+    const int32_t u = m->plan_cur;
+    if (u < 0 || u >= m->plan_n) {
+        callback_fail(m, "grouped decode: %s computed outside the planned micro-batches", name);
+        return NULL;
+    }
+    if (n_col == m->plan_ntok[u]) return m->plan_tok + (size_t)u * m->n_groups;
+    if (n_col == m->plan_nout[u]) return m->plan_out + (size_t)u * m->n_groups;
+    callback_fail(m, "grouped decode: %s has %lld token columns where micro-batch %d has %d tokens and %d outputs",
+                  name, (long long)n_col, u + 1, m->plan_ntok[u], m->plan_nout[u]);
+    return NULL;
+}
+
+/* Token columns of an observed node: y's second dimension (GET_ROWS: its ids'). */
+static int64_t column_count(const struct ggml_tensor *t) {
+    return t->op == GGML_OP_GET_ROWS ? t->src[1]->ne[0] : t->ne[1];
+}
+
+/* The node's columns per group, or NULL (with callback_fail) where groups cannot apply. */
+static const int32_t *group_columns(ez_model *m, const struct ggml_tensor *t, const char *name) {
+    if (t->op == GGML_OP_MUL_MAT_ID) {
+        callback_fail(m, "%s: perturbation groups do not support expert weights (MUL_MAT_ID)", name);
+        return NULL;
+    }
+    if (t->ne[2] * t->ne[3] != 1 || (t->op == GGML_OP_GET_ROWS && t->src[1]->ne[1] * t->src[1]->ne[2] != 1)) {
+        callback_fail(m, "grouped decode: %s has batched token dimensions", name);
+        return NULL;
+    }
+    return plan_columns(m, name, column_count(t));
+}
+
 #ifdef EDGE_ZO_CUDA
+/* Value sets a slot needs on a device during this decode. */
+static int32_t slot_sets(const ez_model *m, const ez_slot *s) { return grouped(m, s) ? m->n_groups : 1; }
+
 /* Copy the values of every slot that lives on CUDA device dev, once per decode:
  * host copies into pinned buffers on all threads, then the uploads, queued on
  * the device's stream ahead of the first kernel. (One slot at a time, the
@@ -271,17 +337,20 @@ static int refresh_values(ez_model *m, int dev) {
     ez_slot **list = malloc((size_t)(n > 0 ? n : 1) * sizeof *list);
     if (!list) return 2; /* cudaErrorMemoryAllocation */
     n = 0;
-    for (ez_slot *s = m->slots; s; s = s->next)
+    int rc = 0;
+    for (ez_slot *s = m->slots; s && !rc; s = s->next)
         if (s->cuda[dev]) {
             list[n++] = s;
-            work += s->n;
+            work += s->n * slot_sets(m, s);
+            rc = ez_cuda_matrix_reserve(s->cuda[dev], slot_sets(m, s));
         }
     (void)work;
-#pragma omp parallel for num_threads(m->n_threads) schedule(dynamic, 4) if (work >= 1 << 20)
-    for (int64_t i = 0; i < n; i++) ez_cuda_matrix_stage(list[i]->cuda[dev], list[i]->values);
-    int rc = 0;
+#pragma omp parallel for num_threads(m->n_threads) schedule(dynamic, 4) if (!rc && work >= 1 << 20)
+    for (int64_t i = 0; i < n; i++)
+        for (int32_t g = 0; g < slot_sets(m, list[i]); g++)
+            ez_cuda_matrix_stage(list[i]->cuda[dev], g, slot_values(m, list[i], g));
     for (int64_t i = 0; i < n && !rc; i++) {
-        rc = ez_cuda_matrix_upload(list[i]->cuda[dev]);
+        rc = ez_cuda_matrix_upload(list[i]->cuda[dev], slot_sets(m, list[i]));
         list[i]->cuda_epoch[dev] = m->epoch;
     }
     free(list);
@@ -297,6 +366,8 @@ static void apply_cuda(ez_model *m, struct ggml_tensor *t, const char *name, int
         callback_fail(m, "%s: output on CUDA%d but its inputs are elsewhere", name, dev);
         return;
     }
+    const int32_t *cols = NULL;
+    if (m->plan_n > 0 && !(cols = group_columns(m, t, name))) return;
     int rc = 0, launched = 0;
     for (ez_slot *s = m->slots; s && !rc; s = s->next) {
         if (strcmp(s->name, name) != 0 || s->n == 0) continue;
@@ -319,17 +390,33 @@ static void apply_cuda(ez_model *m, struct ggml_tensor *t, const char *name, int
             if (rc) break;
         }
         if (s->cuda_epoch[dev] != m->epoch) { /* made during this decode */
-            rc = ez_cuda_matrix_set_values(s->cuda[dev], s->values);
+            rc = ez_cuda_matrix_reserve(s->cuda[dev], slot_sets(m, s));
+            for (int32_t g = 0; g < slot_sets(m, s) && !rc; g++)
+                ez_cuda_matrix_stage(s->cuda[dev], g, slot_values(m, s, g));
+            if (!rc) rc = ez_cuda_matrix_upload(s->cuda[dev], slot_sets(m, s));
             if (rc) break;
             s->cuda_epoch[dev] = m->epoch;
         }
-        if (t->op == GGML_OP_MUL_MAT)
-            rc = ez_cuda_mul_mat(s->cuda[dev], x->data, x->nb, t->data, t->nb, t->ne);
-        else if (t->op == GGML_OP_MUL_MAT_ID)
-            rc = ez_cuda_mul_mat_id(s->cuda[dev], x->data, x->nb, x->ne[1], ids->data, ids->nb, t->data, t->nb,
+        if (t->op == GGML_OP_MUL_MAT_ID) {
+            rc = ez_cuda_mul_mat_id(s->cuda[dev], 0, x->data, x->nb, x->ne[1], ids->data, ids->nb, t->data, t->nb,
                                     t->ne[1], t->ne[2]);
-        else
-            rc = ez_cuda_get_rows(s->cuda[dev], x->data, x->nb, x->ne, t->data, t->nb);
+        } else { /* one run of columns per group; without groups, all columns with set 0 */
+            const int32_t n_runs = grouped(m, s) ? m->n_groups : 1;
+            int64_t c0 = 0;
+            for (int32_t g = 0; g < n_runs && !rc; g++) {
+                const int64_t nc = grouped(m, s) ? cols[g] : column_count(t);
+                if (t->op == GGML_OP_MUL_MAT) {
+                    const int64_t ne[4] = {t->ne[0], grouped(m, s) ? nc : t->ne[1], t->ne[2], t->ne[3]};
+                    rc = ez_cuda_mul_mat(s->cuda[dev], g, (const char *)x->data + c0 * x->nb[1], x->nb,
+                                         (char *)t->data + c0 * t->nb[1], t->nb, ne);
+                } else {
+                    const int64_t ine[4] = {grouped(m, s) ? nc : x->ne[0], x->ne[1], x->ne[2], x->ne[3]};
+                    rc = ez_cuda_get_rows(s->cuda[dev], g, (const char *)x->data + c0 * x->nb[0], x->nb, ine,
+                                          (char *)t->data + c0 * t->nb[1], t->nb);
+                }
+                c0 += nc;
+            }
+        }
         launched = 1;
     }
     if (launched) { /* also after a failure: nothing of ours may still run when we return */
@@ -376,23 +463,37 @@ static void apply(ez_model *m, struct ggml_tensor *t, const char *name) {
         callback_fail(m, "%s: out of memory copying activations to the host", name);
         goto done;
     }
+    const int32_t *cols = NULL;
+    if (m->plan_n > 0 && !(cols = group_columns(m, t, name))) goto done;
     for (ez_slot *s = m->slots; s; s = s->next) {
         if (strcmp(s->name, name) != 0 || s->n == 0) continue;
         if (!shape_matches(m, s, w)) goto done;
-        if (t->op == GGML_OP_MUL_MAT) {
-            if (s->n_expert != 1) {
-                callback_fail(m, "%s: 3-D weights in MUL_MAT are not supported", name);
-                goto done;
-            }
-            kernel_mul_mat(s, xb, x->nb, y, t->nb, t->ne, m->n_threads);
-        } else if (t->op == GGML_OP_MUL_MAT_ID) {
+        if (t->op == GGML_OP_MUL_MAT_ID) {
             kernel_mul_mat_id(s, xb, x->nb, x->ne[1], ib, ids->nb, y, t->nb, t->ne[1], t->ne[2], m->n_threads);
-        } else {
-            if (x->type != GGML_TYPE_I32) {
-                callback_fail(m, "%s: GET_ROWS with non-I32 ids", name);
-                goto done;
+            continue;
+        }
+        if (t->op == GGML_OP_MUL_MAT && s->n_expert != 1) {
+            callback_fail(m, "%s: 3-D weights in MUL_MAT are not supported", name);
+            goto done;
+        }
+        if (t->op == GGML_OP_GET_ROWS && x->type != GGML_TYPE_I32) {
+            callback_fail(m, "%s: GET_ROWS with non-I32 ids", name);
+            goto done;
+        }
+        /* One run of columns per group; without groups, all columns with the slot's values. */
+        const int32_t n_runs = grouped(m, s) ? m->n_groups : 1;
+        int64_t c0 = 0;
+        for (int32_t g = 0; g < n_runs; g++) {
+            const int64_t nc = grouped(m, s) ? cols[g] : column_count(t);
+            if (t->op == GGML_OP_MUL_MAT) {
+                const int64_t ne[4] = {t->ne[0], grouped(m, s) ? nc : t->ne[1], t->ne[2], t->ne[3]};
+                kernel_mul_mat(s, slot_values(m, s, g), xb + c0 * x->nb[1], x->nb, y + c0 * t->nb[1], t->nb, ne,
+                               m->n_threads);
+            } else {
+                const int64_t ine[4] = {grouped(m, s) ? nc : x->ne[0], x->ne[1], x->ne[2], x->ne[3]};
+                kernel_get_rows(s, slot_values(m, s, g), ib + c0 * x->nb[0], x->nb, ine, y + c0 * t->nb[1], t->nb);
             }
-            kernel_get_rows(s, ib, x->nb, x->ne, y, t->nb);
+            c0 += nc;
         }
     }
     if (own_y) ggml_backend_tensor_set(t, y, 0, ggml_nbytes(t));
@@ -473,6 +574,11 @@ static void stats_add(ez_model *m, const struct ggml_tensor *t, int32_t w) {
 
 static bool eval_callback(struct ggml_tensor *t, bool ask, void *user_data) {
     ez_model *m = user_data;
+    if (ask && m->plan_n > 0 && t->op == GGML_OP_GET_ROWS && t->src[0] && t->src[1]) {
+        char w[GGML_MAX_NAME];
+        weight_name(t->src[0]->name, w);
+        if (strcmp(w, "token_embd.weight") == 0) plan_next(m, t);
+    }
     if ((!m->slots && !m->stats) || !is_observed_op(t)) return !ask; /* not ours: keep computing */
     char name[GGML_MAX_NAME];
     weight_name(t->src[0]->name, name);
@@ -595,6 +701,9 @@ int ez_model_open(const char *path, const ez_model_params *p, ez_model **out) {
     }
     m->n_threads = cp.n_threads_batch > 0 ? cp.n_threads_batch : 1;
     m->n_batch = (int32_t)llama_n_batch(m->ctx);
+    m->n_ubatch = (int32_t)llama_n_ubatch(m->ctx);
+    m->kv_unified = cp.kv_unified;
+    m->can_group = !llama_model_is_recurrent(m->model) && !llama_model_is_hybrid(m->model);
     m->batch = llama_batch_init(m->n_batch, 0, 1);
     *out = m;
     return EZ_OK;
@@ -604,6 +713,10 @@ void ez_model_close(ez_model *m) {
     if (!m) return;
     ez_sparse_clear(m);
     if (m->sampler) llama_sampler_free(m->sampler);
+    free(m->plan_tok);
+    free(m->plan_out);
+    free(m->plan_ntok);
+    free(m->plan_nout);
     llama_batch_free(m->batch);
     llama_free(m->ctx);
     llama_model_free(m->model);
@@ -621,6 +734,7 @@ int ez_add_bos(const ez_model *m) { return llama_vocab_get_add_bos(m->vocab); }
 int64_t ez_fallback_count(const ez_model *m) { return m->fallback_count; }
 int64_t ez_host_count(const ez_model *m) { return m->host_count; }
 int64_t ez_cuda_count(const ez_model *m) { return m->cuda_count; }
+int64_t ez_decode_count(const ez_model *m) { return m->epoch; }
 int ez_has_cuda(void) {
 #ifdef EDGE_ZO_CUDA
     return 1;
@@ -738,6 +852,7 @@ int ez_sparse_add(ez_model *m, const char *name, int64_t n_in, int64_t n_out, in
     s->n_expert = n_expert;
     s->n = n;
     s->values = values;
+    s->group_off = -1;
     for (int64_t i = 0; i < n; i++) {
         s->rows[i] = (int32_t)(idx[i] / n_in);
         s->cols[i] = (int32_t)(idx[i] % n_in);
@@ -769,6 +884,116 @@ void ez_sparse_clear(ez_model *m) {
         m->slots = s->next;
         slot_free(s);
     }
+}
+
+/* ---- perturbation groups ---------------------------------------------------- */
+
+int ez_groups_set(ez_model *m, const float *base, int64_t n, const float *const *sets, int32_t n_sets) {
+    if (!m->can_group) return fail(EZ_ERR_RUNTIME, "perturbation groups need a model with a plain KV cache "
+                                   "(this one is recurrent or hybrid): evaluate the value sets one by one");
+    if (!base || n < 0 || !sets || n_sets < 1) return fail(EZ_ERR_INVALID, "no value sets given");
+    for (int32_t g = 0; g < n_sets; g++)
+        if (!sets[g]) return fail(EZ_ERR_INVALID, "value set %d is missing", g);
+    const uintptr_t lo = (uintptr_t)base, hi = (uintptr_t)(base + n);
+    for (ez_slot *s = m->slots; s; s = s->next) {
+        const uintptr_t a = (uintptr_t)s->values, b = (uintptr_t)(s->values + s->n);
+        s->group_off = s->n > 0 && a >= lo && b <= hi ? (int64_t)(s->values - base) : -1;
+    }
+    m->group_sets = sets;
+    m->n_groups = n_sets;
+    return EZ_OK;
+}
+
+int ez_can_group(const ez_model *m) { return m->can_group; }
+
+void ez_groups_clear(ez_model *m) {
+    for (ez_slot *s = m->slots; s; s = s->next) s->group_off = -1;
+    m->group_sets = NULL;
+    m->n_groups = 0;
+    m->plan_n = 0;
+}
+
+/* Appends an empty micro-batch to the plan. */
+static int plan_push(ez_model *m) {
+    if (m->plan_n == m->plan_cap) {
+        const int32_t cap = m->plan_cap ? 2 * m->plan_cap : 8, G = m->n_groups;
+        int32_t *tok = realloc(m->plan_tok, (size_t)cap * G * sizeof *tok);
+        if (tok) m->plan_tok = tok;
+        int32_t *out = realloc(m->plan_out, (size_t)cap * G * sizeof *out);
+        if (out) m->plan_out = out;
+        int32_t *ntok = realloc(m->plan_ntok, (size_t)cap * sizeof *ntok);
+        if (ntok) m->plan_ntok = ntok;
+        int32_t *nout = realloc(m->plan_nout, (size_t)cap * sizeof *nout);
+        if (nout) m->plan_nout = nout;
+        if (!tok || !out || !ntok || !nout) return fail(EZ_ERR_NOMEM, "out of memory");
+        m->plan_cap = cap;
+    }
+    const int32_t u = m->plan_n++;
+    memset(m->plan_tok + (size_t)u * m->n_groups, 0, (size_t)m->n_groups * sizeof *m->plan_tok);
+    memset(m->plan_out + (size_t)u * m->n_groups, 0, (size_t)m->n_groups * sizeof *m->plan_out);
+    m->plan_ntok[u] = m->plan_nout[u] = 0;
+    return EZ_OK;
+}
+
+/* Puts tokens [from, from + cnt) of sequence s into the last micro-batch of the plan. */
+static void plan_take(ez_model *m, const int32_t *seq_start, const int32_t *seq_group, const uint8_t *want,
+                      int32_t s, int32_t from, int32_t cnt) {
+    const int32_t u = m->plan_n - 1, g = seq_group[s];
+    int32_t n_out = 0;
+    for (int32_t p = from; p < from + cnt; p++) n_out += want[seq_start[s] + p] != 0;
+    m->plan_tok[(size_t)u * m->n_groups + g] += cnt;
+    m->plan_out[(size_t)u * m->n_groups + g] += n_out;
+    m->plan_ntok[u] += cnt;
+    m->plan_nout[u] += n_out;
+}
+
+/* The micro-batches llama.cpp will cut the decode of sequences s0 .. s1-1 into, as columns per
+ * group: llama_batch_allocr::split_simple with one KV stream (kv_unified), split_equal with
+ * sequential ids otherwise (llama.cpp 0c1e570, llama-batch.cpp), both taking whole sequences'
+ * tokens in order. Their order keeps the groups in runs; the callback checks each graph's size. */
+static int plan_ubatches(ez_model *m, const int32_t *seq_start, const int32_t *seq_group, const uint8_t *want,
+                         int32_t s0, int32_t s1) {
+    const int32_t n = s1 - s0, nu = m->n_ubatch;
+    int32_t *used = calloc((size_t)n, sizeof *used); /* tokens of each sequence placed so far */
+    if (!used) return fail(EZ_ERR_NOMEM, "out of memory");
+#define SEQ_LEN(j) (seq_start[s0 + (j) + 1] - seq_start[s0 + (j)])
+    int rc = EZ_OK;
+    m->plan_n = 0;
+    if (m->kv_unified) { /* split_simple: the batch's tokens in order, n_ubatch at a time */
+        for (int32_t j = 0; j < n && rc == EZ_OK;) {
+            rc = plan_push(m);
+            for (int32_t room = nu; rc == EZ_OK && room > 0 && j < n;) {
+                const int32_t take = room < SEQ_LEN(j) - used[j] ? room : SEQ_LEN(j) - used[j];
+                plan_take(m, seq_start, seq_group, want, s0 + j, used[j], take);
+                used[j] += take;
+                room -= take;
+                if (used[j] == SEQ_LEN(j)) j++;
+            }
+        }
+    } else { /* split_equal(sequential): consecutive sequences, the same count of tokens from each */
+        for (;;) {
+            int32_t first = 0, k = 0, r = 0;
+            while (first < n && used[first] == SEQ_LEN(first)) first++;
+            if (first == n) break;
+            while (first + k < n && used[first + k] < SEQ_LEN(first + k) && k <= nu) k++;
+            for (;;) {
+                bool all = true;
+                for (int32_t i = 0; i < k && all; i++) all = used[first + i] + r < SEQ_LEN(first + i);
+                if (!all) break;
+                r++;
+                if ((int64_t)(r + 1) * k > nu) break;
+            }
+            if ((rc = plan_push(m)) != EZ_OK) break;
+            for (int32_t i = 0; i < k; i++) {
+                plan_take(m, seq_start, seq_group, want, s0 + first + i, used[first + i], r);
+                used[first + i] += r;
+            }
+        }
+    }
+#undef SEQ_LEN
+    free(used);
+    if (rc != EZ_OK) m->plan_n = 0;
+    return rc;
 }
 
 /* ---- decoding ------------------------------------------------------------- */
@@ -820,14 +1045,30 @@ static int check_sequences(ez_model *m, const int32_t *tokens, const int32_t *se
     return EZ_OK;
 }
 
+/* seq_group, when given, names a value set of ez_groups_set per sequence, in runs. */
+static int check_groups(ez_model *m, const int32_t *seq_group, int32_t n_seq) {
+    if (!seq_group) return EZ_OK;
+    if (m->n_groups < 1) return fail(EZ_ERR_INVALID, "sequence groups given but no value sets (ez_groups_set)");
+    for (int32_t s = 0; s < n_seq; s++) {
+        if (seq_group[s] < 0 || seq_group[s] >= m->n_groups)
+            return fail(EZ_ERR_INVALID, "sequence %d: group %d is not one of the %d value sets", s, seq_group[s],
+                        m->n_groups);
+        if (s > 0 && seq_group[s] < seq_group[s - 1])
+            return fail(EZ_ERR_INVALID, "sequence %d: groups must come in order (group %d after %d)", s,
+                        seq_group[s], seq_group[s - 1]);
+    }
+    return EZ_OK;
+}
+
 /* Receives the logit rows of one decode: row i belongs to sequence seq[i] and was
  * computed at flat token index at[i] (into the caller's tokens). */
 typedef void (*rows_fn)(void *user, int32_t n, const int32_t *seq, const int32_t *at, const float **rows);
 
 /* Evaluates whole sequences in as few decodes as fit n_batch and n_seq_max, asking
- * for logits where want[i] != 0, and hands each decode's rows to `consume`. */
+ * for logits where want[i] != 0, and hands each decode's rows to `consume`. With
+ * seq_group (checked by check_groups), sequence s reads value set seq_group[s]. */
 static int decode_sequences(ez_model *m, const int32_t *tokens, const uint8_t *want, const int32_t *seq_start,
-                            int32_t n_seq, rows_fn consume, void *user) {
+                            int32_t n_seq, const int32_t *seq_group, rows_fn consume, void *user) {
     const int32_t n_seq_max = ez_n_seq_max(m);
     int32_t *out_seq = malloc((size_t)m->n_batch * sizeof *out_seq);
     int32_t *out_at = malloc((size_t)m->n_batch * sizeof *out_at);
@@ -859,7 +1100,13 @@ static int decode_sequences(ez_model *m, const int32_t *tokens, const uint8_t *w
         llama_memory_clear(llama_get_memory(m->ctx), true);
         m->gen_active = 0;
         if (n_out > 0) { /* a chunk that wants no logits needs no forward at all */
-            rc = decode(m);
+            if (seq_group) rc = plan_ubatches(m, seq_start, seq_group, want, s0, s1);
+            m->plan_cur = -1;
+            if (rc == EZ_OK) rc = decode(m);
+            if (rc == EZ_OK && m->plan_n > 0 && m->plan_cur != m->plan_n - 1)
+                rc = fail(EZ_ERR_RUNTIME, "grouped decode: llama.cpp computed %d micro-batches where %d were planned",
+                          m->plan_cur + 1, m->plan_n);
+            m->plan_n = 0;
             for (int32_t i = 0; i < n_out && rc == EZ_OK; i++) {
                 rows[i] = llama_get_logits_ith(m->ctx, out_idx[i]);
                 if (!rows[i]) rc = fail(EZ_ERR_RUNTIME, "llama.cpp returned no logits for batch position %d", out_idx[i]);
@@ -896,8 +1143,9 @@ static void add_nll(void *user, int32_t n, const int32_t *seq, const int32_t *at
 }
 
 int ez_loss(ez_model *m, const int32_t *tokens, const uint8_t *target, const int32_t *seq_start,
-            int32_t n_seq, double *nll, int32_t *count) {
+            int32_t n_seq, const int32_t *seq_group, double *nll, int32_t *count) {
     int rc = check_sequences(m, tokens, seq_start, n_seq);
+    if (rc == EZ_OK) rc = check_groups(m, seq_group, n_seq);
     if (rc != EZ_OK) return rc;
     for (int32_t s = 0; s < n_seq; s++) {
         if (target[seq_start[s]]) return fail(EZ_ERR_INVALID, "sequence %d: its first token cannot be a target", s);
@@ -916,7 +1164,7 @@ int ez_loss(ez_model *m, const int32_t *tokens, const uint8_t *target, const int
     for (int32_t s = 0; s < n_seq; s++)
         for (int32_t i = seq_start[s]; i + 1 < seq_start[s + 1]; i++) want[i] = target[i + 1] != 0;
     loss_acc acc = {m, tokens, nll, count, scratch};
-    rc = decode_sequences(m, tokens, want, seq_start, n_seq, add_nll, &acc);
+    rc = decode_sequences(m, tokens, want, seq_start, n_seq, seq_group, add_nll, &acc);
     free(want);
     free(scratch);
     return rc;
@@ -940,8 +1188,9 @@ static void put_logprobs(void *user, int32_t n, const int32_t *seq, const int32_
 }
 
 int ez_next_logprobs(ez_model *m, const int32_t *tokens, const int32_t *seq_start, int32_t n_seq,
-                     const int32_t *cand, const int32_t *cand_start, double *logp) {
+                     const int32_t *seq_group, const int32_t *cand, const int32_t *cand_start, double *logp) {
     int rc = check_sequences(m, tokens, seq_start, n_seq);
+    if (rc == EZ_OK) rc = check_groups(m, seq_group, n_seq);
     if (rc != EZ_OK) return rc;
     if (cand_start[0] != 0) return fail(EZ_ERR_INVALID, "candidate offsets must start at 0");
     const int32_t n_vocab = ez_n_vocab(m);
@@ -956,7 +1205,7 @@ int ez_next_logprobs(ez_model *m, const int32_t *tokens, const int32_t *seq_star
     if (!want) return fail(EZ_ERR_NOMEM, "out of memory");
     for (int32_t s = 0; s < n_seq; s++) want[seq_start[s + 1] - 1] = 1;
     next_acc acc = {m, cand, cand_start, logp};
-    rc = decode_sequences(m, tokens, want, seq_start, n_seq, put_logprobs, &acc);
+    rc = decode_sequences(m, tokens, want, seq_start, n_seq, seq_group, put_logprobs, &acc);
     free(want);
     return rc;
 }
@@ -1208,7 +1457,7 @@ int ez_activation_sumsq(ez_model *m, const int32_t *tokens, const uint8_t *outpu
     }
     ez_stats st = {n_w, names, n_in, offset, sumsq, count};
     m->stats = &st;
-    rc = decode_sequences(m, tokens, want, seq_start, n_seq, ignore_rows, NULL);
+    rc = decode_sequences(m, tokens, want, seq_start, n_seq, NULL, ignore_rows, NULL);
     m->stats = NULL;
     free(want);
     free(offset);

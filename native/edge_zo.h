@@ -55,6 +55,8 @@ int64_t ez_fallback_count(const ez_model *m);
 /* Graph nodes patched so far by the host kernels and by the CUDA kernels. */
 int64_t ez_host_count(const ez_model *m);
 int64_t ez_cuda_count(const ez_model *m);
+/* llama_decode calls so far (how many a grouped evaluation took). */
+int64_t ez_decode_count(const ez_model *m);
 /* 1 when this build has the CUDA kernels (EDGE_ZO_CUDA). */
 int ez_has_cuda(void);
 /* The extra CPU weight buffer types llama.cpp offers on this machine, i.e. what extra_bufts
@@ -77,17 +79,31 @@ int ez_sparse_add(ez_model *m, const char *name, int64_t n_in, int64_t n_out, in
 int ez_sparse_remove(ez_model *m, int64_t slot);
 void ez_sparse_clear(ez_model *m);
 
+/* Perturbation groups: several value sets evaluated in one llama_decode, each on its own copies
+ * of the sequences (an SPSA step's theta+eps*z and theta-eps*z). Until ez_groups_clear, a slot whose
+ * values lie inside base[0 .. n) reads sets[g] at the same offsets for the tokens of a sequence in
+ * group g; any other slot (a fixed adapter underneath) reads its own values in every group. The
+ * sets are borrowed like slot values. ez_loss and ez_next_logprobs take the groups of their
+ * sequences in seq_group (non-decreasing, < n_sets; NULL: no groups). Decodes are packed as
+ * always; llama.cpp's micro-batches keep the sequences in order, so each group is a run of
+ * columns in every graph node, and the callback follows them (EZ_ERR_RUNTIME where llama.cpp
+ * split a decode otherwise than planned, or for recurrent and hybrid models). */
+int ez_groups_set(ez_model *m, const float *base, int64_t n, const float *const *sets, int32_t n_sets);
+/* 1 when this model can evaluate groups (ez_groups_set refuses recurrent and hybrid ones). */
+int ez_can_group(const ez_model *m);
+void ez_groups_clear(ez_model *m);
+
 /* Loss oracle. Sequence s is tokens[seq_start[s] .. seq_start[s+1]); a token with
  * target[i] != 0 (never the first of its sequence) is predicted from the one before.
  * nll[s] is the summed negative log-likelihood of its targets, count[s] how many. */
 int ez_loss(ez_model *m, const int32_t *tokens, const uint8_t *target,
-            const int32_t *seq_start, int32_t n_seq, double *nll, int32_t *count);
+            const int32_t *seq_start, int32_t n_seq, const int32_t *seq_group, double *nll, int32_t *count);
 
 /* Next-token log-probabilities. For each sequence s, logp[k] = log p(cand[k] | all of
  * sequence s) for k in cand_start[s] .. cand_start[s+1]: the scores of single-token
  * choices after a shared prompt, from one forward of the prompt alone. */
 int ez_next_logprobs(ez_model *m, const int32_t *tokens, const int32_t *seq_start, int32_t n_seq,
-                     const int32_t *cand, const int32_t *cand_start, double *logp);
+                     const int32_t *seq_group, const int32_t *cand, const int32_t *cand_start, double *logp);
 
 /* Losses of continuations that share prefixes: the multi-token choices of a prompt, each prompt
  * decoded once instead of once per choice. Continuation c follows prefix cont_prefix[c]; its

@@ -67,8 +67,9 @@ struct ez_cuda_matrix {
     int32_t *urows;         /* [n_urows] the rows with entries, ascending (GET_ROWS looks them up) */
     int32_t *upos;          /* [n_urows] lane (s*32 + l) of each of them */
     int32_t *expert_slice;  /* [n_expert+1] first slice of each expert */
-    float *vals;            /* device, slice order */
+    float *vals;            /* device, slice order: n_sets value sets of n, one after another */
     float *h_vals;          /* pinned staging for the values, so their copy is asynchronous */
+    int32_t n_sets;         /* value sets vals and h_vals hold (ez_cuda_matrix_reserve) */
     int32_t *src;           /* host: h_vals[p] = values[src[p]] */
 };
 
@@ -457,6 +458,7 @@ int ez_cuda_matrix_new(int device, const int32_t *rows, const int32_t *cols, int
     cudaError_t err = cudaMalloc((void **)&a->ints, (size_t)n_ints * sizeof *h);
     if (err == cudaSuccess) err = cudaMalloc((void **)&a->vals, (size_t)n * sizeof(float));
     if (err == cudaSuccess) err = cudaMallocHost((void **)&a->h_vals, (size_t)n * sizeof(float));
+    a->n_sets = 1;
     if (err == cudaSuccess) err = cudaMemcpy(a->ints, h, (size_t)n_ints * sizeof *h, cudaMemcpyHostToDevice);
     free(h);
     if (err != cudaSuccess) {
@@ -474,22 +476,40 @@ int ez_cuda_matrix_new(int device, const int32_t *rows, const int32_t *cols, int
     return 0;
 }
 
-void ez_cuda_matrix_stage(ez_cuda_matrix *a, const float *values) {
+int ez_cuda_matrix_reserve(ez_cuda_matrix *a, int32_t n_sets) {
+    if (n_sets <= a->n_sets) return 0;
+    TRY(cudaSetDevice(a->device));
+    float *vals = NULL, *h_vals = NULL;
+    cudaError_t err = cudaMalloc((void **)&vals, (size_t)n_sets * a->n * sizeof(float));
+    if (err == cudaSuccess) err = cudaMallocHost((void **)&h_vals, (size_t)n_sets * a->n * sizeof(float));
+    if (err != cudaSuccess) {
+        cudaFree(vals);
+        return (int)err;
+    }
+    cudaFree(a->vals);
+    cudaFreeHost(a->h_vals);
+    a->vals = vals;
+    a->h_vals = h_vals;
+    a->n_sets = n_sets;
+    return 0;
+}
+
+void ez_cuda_matrix_stage(ez_cuda_matrix *a, int32_t set, const float *values) {
     const int32_t *src = a->src;
-    float *dst = a->h_vals;
+    float *dst = a->h_vals + (size_t)set * a->n;
     for (int64_t p = 0; p < a->n; p++) dst[p] = values[src[p]];
 }
 
-int ez_cuda_matrix_upload(ez_cuda_matrix *a) {
+int ez_cuda_matrix_upload(ez_cuda_matrix *a, int32_t n_sets) {
     TRY(cudaSetDevice(a->device));
-    TRY(cudaMemcpyAsync(a->vals, a->h_vals, (size_t)a->n * sizeof(float), cudaMemcpyHostToDevice,
+    TRY(cudaMemcpyAsync(a->vals, a->h_vals, (size_t)n_sets * a->n * sizeof(float), cudaMemcpyHostToDevice,
                         devices[a->device].stream));
     return 0;
 }
 
 int ez_cuda_matrix_set_values(ez_cuda_matrix *a, const float *values) {
-    ez_cuda_matrix_stage(a, values);
-    return ez_cuda_matrix_upload(a);
+    ez_cuda_matrix_stage(a, 0, values);
+    return ez_cuda_matrix_upload(a, 1);
 }
 
 /* ---- launchers ------------------------------------------------------------------- */
@@ -498,13 +518,14 @@ static unsigned clamp_grid(int64_t want, int64_t lo, int64_t hi) {
     return (unsigned)(want < lo ? lo : want > hi ? hi : want);
 }
 
-int ez_cuda_mul_mat(const ez_cuda_matrix *a, const void *x, const size_t *xnb, void *y, const size_t *ynb,
+int ez_cuda_mul_mat(const ez_cuda_matrix *a, int32_t set, const void *x, const size_t *xnb, void *y, const size_t *ynb,
                     const int64_t *ne) {
     const int64_t n_tok = ne[1] * ne[2] * ne[3];
     if (n_tok == 0) return 0;
     const ez_cuda_device *dev = &devices[a->device];
     TRY(cudaSetDevice(a->device));
     const int32_t n_in = (int32_t)a->n_in; /* x's rows: the weight's input width */
+    const float *vals = a->vals + (size_t)set * a->n;
     /* The token tile: the largest whose activations fit in EZ_SMEM_SOFT bytes,
      * down to one token; then all of the shared memory if one token needs more;
      * past that, gathers from global memory. A bigger tile reads each entry for
@@ -530,7 +551,7 @@ int ez_cuda_mul_mat(const ez_cuda_matrix *a, const void *x, const size_t *xnb, v
     char *yc = (char *)y;
 #define EZ_LAUNCH(T, S)                                                                                    \
     k_mul_mat<T, S><<<grid, EZ_MM_BLOCK, shmem, dev->stream>>>(a->lane_row, a->lane_len, a->slice_start,   \
-                                                               a->cols, a->vals, a->n_slices, n_in, xc,    \
+                                                               a->cols, vals, a->n_slices, n_in, xc,      \
                                                                xnb[1], xnb[2], xnb[3], yc, ynb[1], ynb[2], \
                                                                ynb[3], ne[1], ne[2], n_tok)
     if (!smem) EZ_LAUNCH(EZ_TILE, false);
@@ -542,7 +563,7 @@ int ez_cuda_mul_mat(const ez_cuda_matrix *a, const void *x, const size_t *xnb, v
     return (int)cudaGetLastError();
 }
 
-int ez_cuda_mul_mat_id(const ez_cuda_matrix *a, const void *x, const size_t *xnb, int64_t ne11, const void *ids,
+int ez_cuda_mul_mat_id(const ez_cuda_matrix *a, int32_t set, const void *x, const size_t *xnb, int64_t ne11, const void *ids,
                        const size_t *inb, void *y, const size_t *ynb, int64_t n_used, int64_t n_tok) {
     if (n_used * n_tok == 0) return 0;
     const ez_cuda_device *dev = &devices[a->device];
@@ -551,21 +572,22 @@ int ez_cuda_mul_mat_id(const ez_cuda_matrix *a, const void *x, const size_t *xnb
     dim3 grid;
     grid.y = clamp_grid(n_used * n_tok, 1, 65535);
     grid.x = clamp_grid((slices_per_expert + EZ_BLOCK / 32 - 1) / (EZ_BLOCK / 32), 1, 8);
-    k_mul_mat_id<<<grid, EZ_BLOCK, 0, dev->stream>>>(a->lane_row, a->lane_len, a->slice_start, a->cols, a->vals,
+    k_mul_mat_id<<<grid, EZ_BLOCK, 0, dev->stream>>>(a->lane_row, a->lane_len, a->slice_start, a->cols,
+                                                     a->vals + (size_t)set * a->n,
                                                      a->expert_slice, (int32_t)a->n_out, (int32_t)a->n_expert,
                                                      (const char *)x, xnb[1], xnb[2], ne11, (const char *)ids, inb[0],
                                                      inb[1], (char *)y, ynb[1], ynb[2], n_used, n_tok);
     return (int)cudaGetLastError();
 }
 
-int ez_cuda_get_rows(const ez_cuda_matrix *a, const void *ids, const size_t *inb, const int64_t *ine, void *y,
+int ez_cuda_get_rows(const ez_cuda_matrix *a, int32_t set, const void *ids, const size_t *inb, const int64_t *ine, void *y,
                      const size_t *ynb) {
     const int64_t n_ids = ine[0] * ine[1] * ine[2];
     if (n_ids == 0) return 0;
     const ez_cuda_device *dev = &devices[a->device];
     TRY(cudaSetDevice(a->device));
     k_get_rows<<<clamp_grid((n_ids + EZ_BLOCK / 32 - 1) / (EZ_BLOCK / 32), 1, 1 << 20), EZ_BLOCK, 0, dev->stream>>>(
-        a->lane_len, a->slice_start, a->cols, a->vals, a->urows, a->upos, a->n_urows, (const char *)ids, inb[0],
+        a->lane_len, a->slice_start, a->cols, a->vals + (size_t)set * a->n, a->urows, a->upos, a->n_urows, (const char *)ids, inb[0],
         inb[1], inb[2], ine[0], ine[1], ine[2], (char *)y, ynb[1], ynb[2], ynb[3]);
     return (int)cudaGetLastError();
 }

@@ -32,18 +32,23 @@ void ez_cuda_matrix_free(ez_cuda_matrix *a);
  * be staged at once from several threads), upload queues the copy to the
  * device on the device's stream. Stage only while no upload of the same
  * matrix is pending, i.e. after ez_cuda_sync. set_values does both. */
-void ez_cuda_matrix_stage(ez_cuda_matrix *a, const float *values);
-int ez_cuda_matrix_upload(ez_cuda_matrix *a);
+/* A matrix holds n_sets value sets (1 when made; perturbation groups need more): reserve grows
+ * that, keeping nothing (call it only while no upload is pending). stage(set) and upload(n_sets)
+ * work on sets 0 .. n_sets-1; set_values is stage(0) + upload(1). */
+int ez_cuda_matrix_reserve(ez_cuda_matrix *a, int32_t n_sets);
+void ez_cuda_matrix_stage(ez_cuda_matrix *a, int32_t set, const float *values);
+int ez_cuda_matrix_upload(ez_cuda_matrix *a, int32_t n_sets);
 int ez_cuda_matrix_set_values(ez_cuda_matrix *a, const float *values);
 
+/* The kernels read value set `set`. */
 /* y[:, t] += S x[:, t] for every token t; ne is y's shape, nb in bytes. */
-int ez_cuda_mul_mat(const ez_cuda_matrix *a, const void *x, const size_t *xnb, void *y, const size_t *ynb,
+int ez_cuda_mul_mat(const ez_cuda_matrix *a, int32_t set, const void *x, const size_t *xnb, void *y, const size_t *ynb,
                     const int64_t *ne);
 /* MUL_MAT_ID: y[:, k, t] += S_e x[:, k % ne11, t] with e = ids[k, t]. */
-int ez_cuda_mul_mat_id(const ez_cuda_matrix *a, const void *x, const size_t *xnb, int64_t ne11, const void *ids,
+int ez_cuda_mul_mat_id(const ez_cuda_matrix *a, int32_t set, const void *x, const size_t *xnb, int64_t ne11, const void *ids,
                        const size_t *inb, void *y, const size_t *ynb, int64_t n_used, int64_t n_tok);
 /* GET_ROWS: y[:, i] += S[ids[i], :]. */
-int ez_cuda_get_rows(const ez_cuda_matrix *a, const void *ids, const size_t *inb, const int64_t *ine, void *y,
+int ez_cuda_get_rows(const ez_cuda_matrix *a, int32_t set, const void *ids, const size_t *inb, const int64_t *ine, void *y,
                      const size_t *ynb);
 
 /* Wait for everything queued on the device's stream. */

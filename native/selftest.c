@@ -112,7 +112,7 @@ static int make_loss_set(ez_model *m, loss_set *ls) {
 
 /* Summed NLL over the set; NAN on an error (reported as a failed check by the caller). */
 static double total_loss(ez_model *m, const loss_set *ls, double *nll, int32_t *count) {
-    if (ez_loss(m, ls->tokens, ls->target, ls->seq_start, N_SEQ, nll, count) != EZ_OK) {
+    if (ez_loss(m, ls->tokens, ls->target, ls->seq_start, N_SEQ, NULL, nll, count) != EZ_OK) {
         printf("     ez_loss: %s\n", ez_last_error());
         return NAN;
     }
@@ -349,16 +349,16 @@ static void test_loss_errors(ez_model *m, const loss_set *ls, double base) {
     int32_t count[N_SEQ + 1];
     const int32_t *tok = ls->tokens;
     const uint8_t *tgt = ls->target;
-    expect_error(ez_loss(m, tok, tgt, ls->seq_start, 0, nll, count), EZ_ERR_INVALID, "no sequences",
+    expect_error(ez_loss(m, tok, tgt, ls->seq_start, 0, NULL, nll, count), EZ_ERR_INVALID, "no sequences",
                  "loss: zero sequences");
     const int32_t shifted[2] = {1, 5};
-    expect_error(ez_loss(m, tok, tgt, shifted, 1, nll, count), EZ_ERR_INVALID, "no sequences",
+    expect_error(ez_loss(m, tok, tgt, shifted, 1, NULL, nll, count), EZ_ERR_INVALID, "no sequences",
                  "loss: seq_start[0] != 0");
     const int32_t empty[3] = {0, 4, 4};
-    expect_error(ez_loss(m, tok, tgt, empty, 2, nll, count), EZ_ERR_INVALID, "sequence 1 is empty",
+    expect_error(ez_loss(m, tok, tgt, empty, 2, NULL, nll, count), EZ_ERR_INVALID, "sequence 1 is empty",
                  "loss: an empty sequence");
     const int32_t backwards[3] = {0, 4, 2};
-    expect_error(ez_loss(m, tok, tgt, backwards, 2, nll, count), EZ_ERR_INVALID, "sequence 1 is empty",
+    expect_error(ez_loss(m, tok, tgt, backwards, 2, NULL, nll, count), EZ_ERR_INVALID, "sequence 1 is empty",
                  "loss: a decreasing seq_start");
 
     const int32_t n_long = ez_n_ctx_seq(m) + 1;
@@ -366,19 +366,19 @@ static void test_loss_errors(ez_model *m, const loss_set *ls, double base) {
     uint8_t *tg = calloc((size_t)n_long, 1);
     if (toks && tg) {
         const int32_t one_long[2] = {0, n_long};
-        expect_error(ez_loss(m, toks, tg, one_long, 1, nll, count), EZ_ERR_INVALID, "tokens; this context holds",
+        expect_error(ez_loss(m, toks, tg, one_long, 1, NULL, nll, count), EZ_ERR_INVALID, "tokens; this context holds",
                      "loss: a sequence longer than the context");
         const int32_t four[2] = {0, 4};
         tg[0] = 1;
-        expect_error(ez_loss(m, toks, tg, four, 1, nll, count), EZ_ERR_INVALID, "first token cannot be a target",
+        expect_error(ez_loss(m, toks, tg, four, 1, NULL, nll, count), EZ_ERR_INVALID, "first token cannot be a target",
                      "loss: the first token as a target");
         tg[0] = 0;
         tg[3] = 1;
         toks[2] = -1;
-        expect_error(ez_loss(m, toks, tg, four, 1, nll, count), EZ_ERR_INVALID, "token -1 out of range",
+        expect_error(ez_loss(m, toks, tg, four, 1, NULL, nll, count), EZ_ERR_INVALID, "token -1 out of range",
                      "loss: token id -1");
         toks[2] = ez_n_vocab(m);
-        expect_error(ez_loss(m, toks, tg, four, 1, nll, count), EZ_ERR_INVALID, "out of range", "loss: token id n_vocab");
+        expect_error(ez_loss(m, toks, tg, four, 1, NULL, nll, count), EZ_ERR_INVALID, "out of range", "loss: token id n_vocab");
     }
     free(toks);
     free(tg);
@@ -402,7 +402,7 @@ static void test_batching(ez_model *m, const loss_set *ls, int exact, double *ba
     for (int s = 0; s < N_SEQ && ok; s++) {
         const int32_t a = ls->seq_start[s], b = ls->seq_start[s + 1];
         const int32_t range[2] = {0, b - a};
-        ok = ez_loss(m, ls->tokens + a, ls->target + a, range, 1, &one[s], &one_count[s]) == EZ_OK &&
+        ok = ez_loss(m, ls->tokens + a, ls->target + a, range, 1, NULL, &one[s], &one_count[s]) == EZ_OK &&
              one_count[s] == count[s];
         if (nll[s] != 0.0) max_rel = fmax(max_rel, fabs(one[s] - nll[s]) / fabs(nll[s]));
     }
@@ -431,7 +431,7 @@ static void test_next_logprobs(ez_model *m, const loss_set *ls, int exact) {
         for (int k = 0; k < K; k++) cand[s * K + k] = (ls->tokens[a + len] + 97 * k) % ez_n_vocab(m);
         cand_start[s + 1] = (s + 1) * K;
     }
-    int rc = ez_next_logprobs(m, prefix, start, N_SEQ, cand, cand_start, logp);
+    int rc = ez_next_logprobs(m, prefix, start, N_SEQ, NULL, cand, cand_start, logp);
     double worst = 0.0;
     int ok = check(rc == EZ_OK, "next_logprobs: four sequences, three candidates each", "%s", ez_last_error());
     for (int s = 0; s < N_SEQ && ok; s++)
@@ -444,7 +444,7 @@ static void test_next_logprobs(ez_model *m, const loss_set *ls, int exact) {
             memcpy(toks, prefix + start[s], (size_t)len * sizeof *toks);
             toks[len] = cand[s * K + k];
             tg[len] = 1;
-            ok &= ez_loss(m, toks, tg, range, 1, &nll, &count) == EZ_OK && count == 1 && logp[s * K + k] < 0.0;
+            ok &= ez_loss(m, toks, tg, range, 1, NULL, &nll, &count) == EZ_OK && count == 1 && logp[s * K + k] < 0.0;
             worst = fmax(worst, fabs(-nll - logp[s * K + k]));
         }
     /* The last token's logits come from the same graph either way; batch widths differ, so float
@@ -454,10 +454,10 @@ static void test_next_logprobs(ez_model *m, const loss_set *ls, int exact) {
     int32_t bad[N_SEQ * K];
     memcpy(bad, cand, sizeof bad);
     bad[1] = ez_n_vocab(m);
-    expect_error(ez_next_logprobs(m, prefix, start, N_SEQ, bad, cand_start, logp), EZ_ERR_INVALID,
+    expect_error(ez_next_logprobs(m, prefix, start, N_SEQ, NULL, bad, cand_start, logp), EZ_ERR_INVALID,
                  "candidate token", "next_logprobs: a candidate out of range");
     int32_t none[N_SEQ + 1] = {0, 0, K, 2 * K, 3 * K};
-    expect_error(ez_next_logprobs(m, prefix, start, N_SEQ, cand, none, logp), EZ_ERR_INVALID,
+    expect_error(ez_next_logprobs(m, prefix, start, N_SEQ, NULL, cand, none, logp), EZ_ERR_INVALID,
                  "has no candidates", "next_logprobs: a sequence without candidates");
     free(prefix);
 }
@@ -500,7 +500,7 @@ static void test_continuations(ez_model *m, const loss_set *ls, int exact) {
         range[1] = P + n;
         double ref;
         int32_t ref_count;
-        ok &= ez_loss(m, toks, tg, range, 1, &ref, &ref_count) == EZ_OK && ref_count == count[c];
+        ok &= ez_loss(m, toks, tg, range, 1, NULL, &ref, &ref_count) == EZ_OK && ref_count == count[c];
         worst = fmax(worst, fabs(ref - nll[c]));
     }
     /* Batch layouts differ (prefixes together, continuations on top of the cache), so float
@@ -570,7 +570,7 @@ static void test_wrong_shape(ez_model *m, const weight *w, const loss_set *ls, d
     check(rc == EZ_OK, name, "%s", ez_last_error());
     double nll[N_SEQ];
     int32_t count[N_SEQ];
-    rc = ez_loss(m, ls->tokens, ls->target, ls->seq_start, N_SEQ, nll, count);
+    rc = ez_loss(m, ls->tokens, ls->target, ls->seq_start, N_SEQ, NULL, nll, count);
     snprintf(name, sizeof name, "wrong shape (%s): ez_loss fails naming the weight", what);
     expect_error(rc, EZ_ERR_INVALID, w->name, name);
     snprintf(name, sizeof name, "wrong shape (%s): the message gives both shapes", what);
@@ -584,6 +584,95 @@ static void test_wrong_shape(ez_model *m, const weight *w, const loss_set *ls, d
     check(rc == EZ_OK && tok == -1, name, "rc %d token %d", rc, tok);
     snprintf(name, sizeof name, "wrong shape (%s): removing the slot restores the base loss", what);
     check(ez_sparse_remove(m, slot) == EZ_OK && bits_equal(loss_of(m, ls), base), name, "%s", ez_last_error());
+}
+
+/* Perturbation groups: two value sets of one buffer evaluated in the same decodes (eight
+ * sequences over three decodes here) give the losses of evaluating them one by one. */
+static void test_groups(ez_model *m, weight *ws, int n_w, const loss_set *ls, int exact) {
+    delta d[8];
+    memset(d, 0, sizeof d);
+    int64_t total = 0;
+    int ok = 1;
+    for (int i = 0; i < n_w && ok; i++) {
+        ok = strcmp(ws[i].name, "token_embd.weight") == 0 ? rows_delta(&ws[i], ls, 8, 0.5f, &d[i])
+                                                          : spread_delta(&ws[i], 512, 2.0f, 91u + (uint32_t)i, &d[i]);
+        total += d[i].n;
+    }
+    const int32_t n_tok = ls->seq_start[N_SEQ];
+    float *base = malloc((size_t)total * sizeof *base), *sets[2] = {malloc((size_t)total * sizeof(float)),
+                                                                     malloc((size_t)total * sizeof(float))};
+    int32_t *tok2 = malloc((size_t)2 * n_tok * sizeof *tok2), start2[2 * N_SEQ + 1], group[2 * N_SEQ];
+    uint8_t *tgt2 = malloc((size_t)2 * n_tok);
+    double one[2][N_SEQ], both[2 * N_SEQ];
+    int32_t one_count[2][N_SEQ], both_count[2 * N_SEQ];
+    if (!check(ok && base && sets[0] && sets[1] && tok2 && tgt2, "groups: allocation", "")) goto done;
+    int64_t off = 0;
+    for (int i = 0; i < n_w; i++) { /* every slot reads its values from one buffer, as tune's deltas do */
+        memcpy(base + off, d[i].values, (size_t)d[i].n * sizeof *base);
+        float *own = d[i].values;
+        d[i].values = base + off;
+        ok &= add(m, &ws[i], &d[i]);
+        d[i].values = own;
+        off += d[i].n;
+    }
+    for (int64_t k = 0; k < total; k++) {
+        sets[0][k] = base[k];
+        sets[1][k] = -0.5f * base[k];
+    }
+    for (int g = 0; g < 2; g++) { /* one by one: each set written into the buffer */
+        memcpy(base, sets[g], (size_t)total * sizeof *base);
+        ok &= ez_loss(m, ls->tokens, ls->target, ls->seq_start, N_SEQ, NULL, one[g], one_count[g]) == EZ_OK;
+    }
+    for (int g = 0; g < 2; g++) {
+        memcpy(tok2 + g * n_tok, ls->tokens, (size_t)n_tok * sizeof *tok2);
+        memcpy(tgt2 + g * n_tok, ls->target, (size_t)n_tok);
+        for (int s = 0; s < N_SEQ; s++) {
+            start2[g * N_SEQ + s] = g * n_tok + ls->seq_start[s];
+            group[g * N_SEQ + s] = g;
+        }
+    }
+    start2[2 * N_SEQ] = 2 * n_tok;
+    expect_error(ez_loss(m, tok2, tgt2, start2, 2 * N_SEQ, group, both, both_count), EZ_ERR_INVALID, "no value sets",
+                 "groups: sequence groups without value sets are refused");
+    const int64_t decodes = ez_decode_count(m);
+    int rc = ez_groups_set(m, base, total, (const float *const *)sets, 2);
+    if (check(rc == EZ_OK, "groups: set two value sets", "%s", ez_last_error())) {
+        rc = ez_loss(m, tok2, tgt2, start2, 2 * N_SEQ, group, both, both_count);
+        ok &= check(rc == EZ_OK, "groups: eight sequences in two groups", "%s", ez_last_error());
+        check(ez_decode_count(m) - decodes == 3, "groups: packed into ceil(8 / n_seq_max) decodes", "%lld",
+              (long long)(ez_decode_count(m) - decodes));
+        group[1] = 1;
+        expect_error(ez_loss(m, tok2, tgt2, start2, 2 * N_SEQ, group, both, both_count), EZ_ERR_INVALID, "in order",
+                     "groups: groups out of order are refused");
+        group[1] = 0;
+        group[7] = 2;
+        expect_error(ez_loss(m, tok2, tgt2, start2, 2 * N_SEQ, group, both, both_count), EZ_ERR_INVALID,
+                     "not one of the 2 value sets", "groups: an unknown group is refused");
+        group[7] = 1;
+        ez_groups_clear(m);
+    }
+    double worst = 0.0;
+    int moved_apart = 0;
+    for (int g = 0; g < 2; g++)
+        for (int s = 0; s < N_SEQ; s++) {
+            const double a = one[g][s], b = both[g * N_SEQ + s];
+            worst = fmax(worst, fabs(a - b) / fmax(1e-12, fabs(a)));
+            ok &= one_count[g][s] == both_count[g * N_SEQ + s];
+            moved_apart |= moved(one[0][s], one[1][s]);
+        }
+    check(ok && moved_apart, "groups: the two value sets give different losses", "");
+    check(ok && worst <= (exact ? 0.0 : 1e-5), "groups: grouped losses equal the one-by-one losses",
+          "largest relative difference %.3g", worst);
+done:
+    for (int i = 0; i < n_w; i++) {
+        if (d[i].slot >= 0) ez_sparse_remove(m, d[i].slot);
+        delta_free(&d[i]);
+    }
+    free(base);
+    free(sets[0]);
+    free(sets[1]);
+    free(tok2);
+    free(tgt2);
 }
 
 static void test_sparse(ez_model *m, weight *ws, int n_w, const loss_set *ls, double base, const char *model_path,
@@ -966,6 +1055,7 @@ int main(int argc, char **argv) {
         test_wrong_shape(m, &ws[1], &ls, base, "MUL_MAT");
         test_wrong_shape(m, &ws[0], &ls, base, "GET_ROWS");
         test_sparse(m, ws, n_w, &ls, base, model_path, &p);
+        test_groups(m, ws, n_w, &ls, exact);
         test_generate(m, ws, &ls, base);
         test_activation_sumsq(m, ws, &ls, n_layer);
         test_quantize(model_path, &p, &ls, base);

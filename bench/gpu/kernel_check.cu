@@ -101,7 +101,7 @@ static void check_mul_mat(int64_t n_in, int64_t n_out, int64_t ne1, int64_t ne2,
     CK(ez_cuda_matrix_new(0, rows.data(), cols.data(), (int64_t)rows.size(), n_in, n_out, 1, &a));
     CK(ez_cuda_matrix_set_values(a, vals.data()));
     float *dx = to_device(x), *dy = to_device(y);
-    CK(ez_cuda_mul_mat(a, dx, xnb, dy, ynb, ne));
+    CK(ez_cuda_mul_mat(a, 0, dx, xnb, dy, ynb, ne));
     CK(ez_cuda_sync(0));
     std::vector<float> got(y.size());
     CK(cudaMemcpy(got.data(), dy, got.size() * 4, cudaMemcpyDeviceToHost));
@@ -143,7 +143,7 @@ static void check_mul_mat_id(int64_t n_in, int64_t n_out, int64_t n_expert, int6
     CK(ez_cuda_matrix_set_values(a, vals.data()));
     float *dx = to_device(x), *dy = to_device(y);
     int32_t *di = to_device(ids);
-    CK(ez_cuda_mul_mat_id(a, dx, xnb, ne11, di, inb, dy, ynb, n_used, n_tok));
+    CK(ez_cuda_mul_mat_id(a, 0, dx, xnb, ne11, di, inb, dy, ynb, n_used, n_tok));
     CK(ez_cuda_sync(0));
     std::vector<float> got(y.size());
     CK(cudaMemcpy(got.data(), dy, got.size() * 4, cudaMemcpyDeviceToHost));
@@ -177,7 +177,7 @@ static void check_get_rows(int64_t n_in, int64_t n_rows, int64_t n_ids, int64_t 
     CK(ez_cuda_matrix_set_values(a, vals.data()));
     int32_t *di = to_device(ids);
     float *dy = to_device(y);
-    CK(ez_cuda_get_rows(a, di, inb, ine, dy, ynb));
+    CK(ez_cuda_get_rows(a, 0, di, inb, ine, dy, ynb));
     CK(ez_cuda_sync(0));
     std::vector<float> got(y.size());
     CK(cudaMemcpy(got.data(), dy, got.size() * 4, cudaMemcpyDeviceToHost));
@@ -206,11 +206,11 @@ static void check_values_update() {
     CK(ez_cuda_sync(0));
     for (auto &v : vals) v = -v;
     CK(ez_cuda_matrix_set_values(a, vals.data()));
-    CK(ez_cuda_mul_mat(a, dx, xnb, dy, ynb, ne));
+    CK(ez_cuda_mul_mat(a, 0, dx, xnb, dy, ynb, ne));
     CK(ez_cuda_sync(0));
     for (auto &v : vals) v = -v;
     CK(ez_cuda_matrix_set_values(a, vals.data()));
-    CK(ez_cuda_mul_mat(a, dx, xnb, dy, ynb, ne)); /* y = -Sx + Sx: exactly 0 where rows have one entry... */
+    CK(ez_cuda_mul_mat(a, 0, dx, xnb, dy, ynb, ne)); /* y = -Sx + Sx: exactly 0 where rows have one entry... */
     CK(ez_cuda_sync(0));
     std::vector<float> got(y.size());
     CK(cudaMemcpy(got.data(), dy, got.size() * 4, cudaMemcpyDeviceToHost));
@@ -376,7 +376,7 @@ static void time_mul_mat(const char *name, int64_t n_in, int64_t n_out, int64_t 
         CK(ez_cuda_sync(0));
         t_upload.push_back(now_us() - t);
         t = now_us();
-        CK(ez_cuda_mul_mat(a, dx, xnb, dy, ynb, ne));
+        CK(ez_cuda_mul_mat(a, 0, dx, xnb, dy, ynb, ne));
         CK(ez_cuda_sync(0));
         t_apply.push_back(now_us() - t);
         /* GPU time, L2 flushed: events on the library's own stream around the kernel. */
@@ -384,7 +384,7 @@ static void time_mul_mat(const char *name, int64_t n_in, int64_t n_out, int64_t 
         cudaStream_t ls = (cudaStream_t)ez_cuda_stream(0);
         CK(cudaMemsetAsync(flush, r & 0xff, flush_bytes, ls));
         CK(cudaEventRecord(e0, ls));
-        CK(ez_cuda_mul_mat(a, dx, xnb, dy, ynb, ne));
+        CK(ez_cuda_mul_mat(a, 0, dx, xnb, dy, ynb, ne));
         CK(cudaEventRecord(e1, ls));
         CK(cudaEventSynchronize(e1));
         CK(cudaEventElapsedTime(&ms, e0, e1));
@@ -429,7 +429,7 @@ static void profile_shapes() {
         CK(ez_cuda_matrix_set_values(a, vals.data()));
         legacy_matrix lm = legacy_new(rows, cols, vals);
         float *dx = to_device(x), *dy = to_device(y);
-        CK(ez_cuda_mul_mat(a, dx, xnb, dy, ynb, ne));
+        CK(ez_cuda_mul_mat(a, 0, dx, xnb, dy, ynb, ne));
         CK(ez_cuda_sync(0));
         legacy_launch(lm, (int32_t)n_in, dx, dy, n_out, n_tok, 0);
         CK(cudaDeviceSynchronize());
