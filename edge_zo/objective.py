@@ -19,7 +19,7 @@ import numpy as np
 
 from .dataset import Example
 from .errors import InvalidInputError
-from .runtime import Runtime, choice_cross_entropy, choice_correct
+from .runtime import Runtime, ValueSets, choice_cross_entropy, choice_correct
 
 
 class Objective(enum.Enum):
@@ -47,6 +47,15 @@ def batch_loss(rt: Runtime, objective: Objective) -> Callable[[list[Example]], f
     if objective is Objective.CHOICES:
         return lambda examples: float(np.mean(choice_cross_entropy(rt.choice_scores(examples), examples)))
     return lambda examples: rt.loss(examples).mean
+
+
+def batch_losses(rt: Runtime, objective: Objective) -> Callable[[list[Example], ValueSets], list[float]]:
+    """losses(examples, value_sets): batch_loss under each value set, evaluated together
+    (Runtime.losses / choice_scores_under: one decode where they fit)."""
+    if objective is Objective.CHOICES:
+        return lambda examples, sets: [float(np.mean(choice_cross_entropy(scores, examples)))
+                                       for scores in rt.choice_scores_under(examples, sets)]
+    return lambda examples, sets: [r.mean for r in rt.losses(examples, sets)]
 
 
 def validation(rt: Runtime, objective: Objective, examples: list[Example]) -> dict:

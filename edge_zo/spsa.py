@@ -119,6 +119,20 @@ def estimate(live: np.ndarray, theta: np.ndarray, z: np.ndarray, eps: float,
     return Estimate((lp - lm) / (2.0 * eps), lp, lm)
 
 
+def estimate_together(theta: np.ndarray, zs: dict[int, np.ndarray], eps: float,
+                      losses: Callable[[list[np.ndarray]], list[float]]) -> dict[int, Estimate]:
+    """Two-sided SPSA for several directions at once: `losses` evaluates the value sets
+    θ+εz, θ−εz of every direction together (one llama_decode where they fit) and returns their
+    losses in that order. The sets are the values `estimate` writes, bit for bit."""
+    e = np.float32(eps)
+    sets = []
+    for z in zs.values():
+        sets += [np.multiply(z, e) + theta, np.multiply(z, -e) + theta]
+    out = losses(sets)
+    return {d: Estimate((out[2 * k] - out[2 * k + 1]) / (2.0 * eps), out[2 * k], out[2 * k + 1])
+            for k, d in enumerate(zs)}
+
+
 def replay(theta0: np.ndarray, scalars: list[list[float]] | list[float], *, seed: int, optimizer: Optimizer,
            lr_at: Callable[[int], float], beta1: float = 0.9, beta2: float = 0.999) -> np.ndarray:
     """Rebuild θ from the seed and the per-step projected gradients alone."""

@@ -104,7 +104,8 @@ def train(cfg: LoopConfig, state: LoopState, *, n_examples: int, live: np.ndarra
           report: Callable[[dict], None], checkpoint: Callable[[LoopState], None],
           progress: Callable[[int, dict], None] = lambda step, info: None,
           rank: int = 0, workers: int = 1, gather: Gather = gather_local,
-          deadline: float | None = None) -> LoopState:
+          deadline: float | None = None,
+          losses: Callable[[np.ndarray, list[np.ndarray]], list[float]] | None = None) -> LoopState:
     """Run from state.step to cfg.steps. Validation at the start, every
     cfg.eval_every steps and at the end; checkpoints every cfg.save_every steps,
     at the end, and on Ctrl-C (then Interrupted is raised). With several workers,
@@ -113,6 +114,9 @@ def train(cfg: LoopConfig, state: LoopState, *, n_examples: int, live: np.ndarra
     The run ends early, validated and checkpointed, when the next step and a
     validation would pass `deadline` (a time.perf_counter() value), or after
     cfg.patience validations without a new best valid_loss.
+
+    With `losses(batch_indices, value_sets)`, a step's value sets (θ+εz and θ−εz of each of the
+    worker's directions) are evaluated together in one call instead of by writing each into `live`.
 
     A step whose training loss, projected gradient, new θ (beyond ±VALUE_MAX, the F16
     range of the deltas file, counts) or validation metrics are not finite raises
@@ -157,10 +161,13 @@ def train(cfg: LoopConfig, state: LoopState, *, n_examples: int, live: np.ndarra
             step = state.step
             t0 = time.perf_counter()
             idx = batch_indices(cfg.seed, step, n_examples, cfg.batch_size)
-            local = {}
-            for d in range(rank, cfg.directions, workers):
-                z = spsa.direction(cfg.seed, step, len(state.theta), d)
-                local[d] = spsa.estimate(live, state.theta, z, cfg.eps, lambda: loss(idx))
+            mine = range(rank, cfg.directions, workers)
+            if losses is not None:
+                zs = {d: spsa.direction(cfg.seed, step, len(state.theta), d) for d in mine}
+                local = spsa.estimate_together(state.theta, zs, cfg.eps, lambda sets: losses(idx, sets))
+            else:
+                local = {d: spsa.estimate(live, state.theta, spsa.direction(cfg.seed, step, len(state.theta), d),
+                                          cfg.eps, lambda: loss(idx)) for d in mine}
             t_gather = time.perf_counter()
             estimates, stopping = gather(local, stop["now"])
             t_gather = time.perf_counter() - t_gather

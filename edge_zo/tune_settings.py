@@ -78,6 +78,11 @@ class TuneSettings:
     threads: int = _opt(0, "CPU threads (0: every core)", RUNTIME)
     gpu_layers: int = _opt(0, "layers to offload to a GPU backend", RUNTIME)
     kv_f32: bool = _opt(False, "keep the KV cache in F32 instead of F16 (and turn flash attention off)", RUNTIME)
+    groups: str = _opt(AUTO, "evaluate a step's value sets (θ+εz and θ−εz of each direction) together in one "
+                       "llama_decode, each on its own copy of the batch ('on'), or one decode each ('off'); 'auto': on "
+                       "with --gpu-layers, where every decode pays the sparse path's synchronizations, off on the CPU, "
+                       "where one decode per set measured faster (docs/runtime.md)", RUNTIME,
+                       choices=(AUTO, "on", "off"))
     verbose: bool = _opt(False, "show llama.cpp's log", RUNTIME)
     quiet: bool = _opt(False, "no progress bar", RUNTIME)
     # ---- several workers ----
@@ -104,6 +109,14 @@ class TuneSettings:
             d["data_shards"] = data_shards   # absent: runs of any size agree
         return d
 
+    def grouped(self) -> bool:
+        """Whether a step's value sets are evaluated in one decode (--groups)."""
+        return self.groups == "on" or (self.groups == AUTO and self.gpu_layers > 0)
+
+    def step_groups(self, workers: int = 1) -> int:
+        """Value sets one worker evaluates per step in one decode: θ±εz of each of its directions."""
+        return 2 * -(-self.directions // workers) if self.grouped() else 1
+
     def time_seconds(self) -> float | None:
         return None if self.time is None else parse_duration(self.time)
 
@@ -113,7 +126,9 @@ STEPS_UNDER_TIME = 1_000_000
 # Settings that change the deltas (the others name files, or change speed and display only).
 RESULT_FIELDS = ("objective", "steps", "batch_size", "lr", "eps", "optimizer", "schedule", "warmup", "directions",
                  "seed", "eval_every", "save_every", "patience", "max_tokens", "chat", "valid_fraction", "valid_max",
-                 "density")
+                 "density", "groups")
+# What runs recorded before a setting existed behaved as.
+UNRECORDED = {"groups": "auto", "value_sets": "separate"}
 # Settings a --resume may change without changing what the run computes (more steps extend it).
 RESUMABLE = ("steps", "time", "save_every")   # eval_every and patience pick the best step: not these
 FIELDS = {f.name: f for f in dataclasses.fields(TuneSettings)}

@@ -38,6 +38,15 @@ def test_overhead(tiny_q4):
     assert 0 <= r["step_share_outside_forwards"] < 1
 
 
+def test_step_groups(tiny_q4):
+    r = last_json(bench("step_groups", "--model", tiny_q4.path, "--shapes", "2x16", "--directions", 1, 2,
+                        "--rounds", 1, "--random-tokens"))
+    assert [c["value_sets"] for c in r["cells"]] == [2, 4]
+    for c in r["cells"]:
+        assert c["grouped_decodes"] == 1 and c["speedup"] > 0 and c["over_plain"] > 0
+        assert c["max_loss_difference"] < 1e-6   # a quantized tiny model: the layouts agree
+
+
 def test_fidelity_tables(tiny_q4, fisher_cache, tmp_path):
     common = ["--model", tiny_q4.path, "--calib-tokens", 256, "--directions", 3, "--threads", 2,
               "--cache", fisher_cache, "--out", tmp_path]

@@ -257,6 +257,41 @@ def test_values_are_read_live_on_gpu(tiny_untied):
         assert on != base
 
 
+@pytest.mark.parametrize("kv_unified", [False, True])
+def test_grouped_value_sets_on_gpu_equal_one_by_one(tiny_tied, kv_unified):
+    """Perturbation groups on the CUDA kernels: three value sets in one decode give the losses of
+    three decodes, on block matmuls, the tied embedding's lookup and the output matmul."""
+    from edge_zo.runtime import ValueSets
+
+    t = tiny_tied
+    rng = np.random.default_rng(11)
+    opts = dataclasses.replace(GPU, batch_size=6, groups=3, kv_unified=kv_unified)
+    with Runtime(t.path, opts) as rt:
+        ex = _examples(rt, t.root)
+        used = np.unique(np.concatenate([e.tokens for e in ex]))
+        weights = {n: _coords(rng, t.weights[n].shape, 40, used if n == "token_embd.weight" else None, 0.5)
+                   for n in KINDS[:-1] + ["token_embd.weight"]}
+        a = SparseAdapter.from_weights("llama", weights)
+        rt.attach(a)
+        sets = [(a.values + rng.normal(0, 0.5, len(a.values))).astype(np.float32) for _ in range(3)]
+        before = rt.native.decode_count
+        together = [r.nll for r in rt.losses(ex, ValueSets(a.values, sets))]
+        decodes = rt.native.decode_count - before
+        kept = a.values.copy()
+        alone = []
+        for v in sets:
+            a.values[:] = v
+            alone.append(rt.loss(ex).nll)
+        a.values[:] = kept
+        counts = rt.native.path_counts
+    print(f"grouped on GPU (kv_unified={kv_unified}): {decodes} decode(s); largest difference "
+          f"{max(np.max(np.abs(x - y)) for x, y in zip(together, alone)):.2e}; counts {counts}")
+    assert decodes == 1 and counts["cuda"] > 0 and counts["fallback"] == 0
+    assert max(abs(x.sum() - y.sum()) for x, y in zip(alone[1:], alone[:-1])) > 0.1
+    for x, y in zip(together, alone):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-4)
+
+
 def test_q4_smollm2_shape_cuda_matches_host(smollm2_shape, tmp_path):
     """SmolLM2's shape, Q4_0, 16 x 64 random tokens, a 0.1% adapter on every block matmul:
     the delta's effect on the loss agrees between the CUDA and the host path. (The base losses

@@ -45,9 +45,9 @@ from ..distributed import Team, World
 from ..errors import DivergedError, EdgeZoError, InvalidInputError, WorkerLostError
 from ..lr_search import LR_GRID  # noqa: F401  (the grid `--lr auto` searches for sgd, named by the docs and tests)
 from ..model_info import ModelInfo, file_sha256
-from ..runtime import Runtime, RuntimeOptions, slow_cpu_type
+from ..runtime import Runtime, RuntimeOptions, ValueSets, slow_cpu_type
 from ..trainer import Interrupted, LoopConfig, LoopState, batch_indices, gather_local, train
-from ..tune_settings import RESUMABLE, TuneSettings, add_arguments, load_config, resolve
+from ..tune_settings import RESUMABLE, STEPS_UNDER_TIME, UNRECORDED, TuneSettings, add_arguments, load_config, resolve
 from ._common import add_allow_other_base, find_sidecar
 
 
@@ -118,6 +118,7 @@ class _Job:
     started: float = 0.0               # time.perf_counter() when the command started (metrics.jsonl elapsed_s)
     valid_choice_names: list = dataclasses.field(default_factory=list)   # each validation row's choices, if any
     forward_seconds: float | None = None   # one training batch's forward, timed when --time needs it
+    reported_decodes: bool = False     # --verbose said how many decodes a step takes
 
     def say(self, msg: str) -> None:
         if self.world.is_main:
@@ -126,6 +127,17 @@ class _Job:
     def loss(self, idx: np.ndarray) -> float:
         """The objective on the batch of training rows `idx` (positions in the shard)."""
         return objective.batch_loss(self.rt, self.objective)([self.train_ex[self.shard[i]] for i in idx])
+
+    def losses(self, idx: np.ndarray, sets: list[np.ndarray]) -> list[float]:
+        """The objective on the batch `idx` under each value set of the deltas, evaluated together."""
+        batch = [self.train_ex[self.shard[i]] for i in idx]
+        before = self.rt.native.decode_count
+        out = objective.batch_losses(self.rt, self.objective)(batch, ValueSets(self.deltas.values, sets))
+        if self.s.verbose and not self.reported_decodes:
+            self.reported_decodes = True
+            self.say(f"a step's {len(sets)} value sets x {len(batch)} rows took "
+                     f"{self.rt.native.decode_count - before} llama_decode call(s)")
+        return out
 
 
 def _run(s: TuneSettings, resume: bool, world: World, team: Team | None, *, argv: list[str] = (),
@@ -142,7 +154,8 @@ def _run(s: TuneSettings, resume: bool, world: World, team: Team | None, *, argv
         sidecar_path = _automatic_mask(s, world)
     out = Path(s.output or Path("runs") / Path(s.data).stem)
     opts = RuntimeOptions(batch_size=s.batch_size, max_tokens=s.max_tokens, threads=s.threads,
-                          gpu_layers=s.gpu_layers, kv_f32=s.kv_f32, verbose=s.verbose)
+                          gpu_layers=s.gpu_layers, kv_f32=s.kv_f32, verbose=s.verbose,
+                          groups=s.step_groups(world.size))
     holding = run_dir.locked(out) if world.is_main else contextlib.nullcontext()
     with holding, Runtime(s.model, opts) as rt:
         tok = Tokenizer(rt.native, max_tokens=s.max_tokens, chat=s.chat)
@@ -308,7 +321,8 @@ def _start_state(job: _Job, identity: dict, resume: bool) -> LoopState:
         "sidecar": str(job.sidecar_path), "data": str(s.data), "valid": str(s.valid) if s.valid else None,
         "eps_search": job.searches.get("eps"), "lr_search": job.searches.get("lr"),
         "edge_zo_version": _version(), "workers": world.size,
-        "backend": {"kv_f32": s.kv_f32, "gpu_layers": s.gpu_layers},   # both change the losses, so the deltas
+        "backend": {"kv_f32": s.kv_f32, "gpu_layers": s.gpu_layers,
+                    "value_sets": "one decode" if s.grouped() else "separate"},   # all change the losses, so the deltas
     }
     resume = resume or (world.restarts > 0 and (job.out / run_dir.CHECKPOINT).exists())
     if world.restarts > 0:
@@ -384,7 +398,9 @@ def _train(job: _Job, state: LoopState, resume: bool, deadline: float | None) ->
     if not s.quiet and lead:
         from tqdm import tqdm
 
-        bar = tqdm(total=loop.steps, initial=state.step, unit="step", dynamic_ncols=True, file=sys.stderr,
+        # Under --time alone the budget ends the run: no step total (and no ETA counting to a million steps).
+        bar = tqdm(total=None if loop.steps >= STEPS_UNDER_TIME else loop.steps, initial=state.step, unit="step",
+                   dynamic_ncols=True, file=sys.stderr,
                    desc="tune" if deadline is None else f"tune, --time {s.time}")
 
     def progress(step, info):
@@ -398,7 +414,8 @@ def _train(job: _Job, state: LoopState, resume: bool, deadline: float | None) ->
     try:
         return train(loop, state, n_examples=len(job.shard), live=job.deltas.values, loss=job.loss,
                      evaluate=evaluate, report=report, checkpoint=checkpoint, progress=progress,
-                     rank=world.rank, workers=world.size, gather=gather, deadline=deadline)
+                     rank=world.rank, workers=world.size, gather=gather, deadline=deadline,
+                     losses=job.losses if s.grouped() else None)
     except Interrupted as exc:
         if bar is not None:
             bar.close()
@@ -560,7 +577,7 @@ def _differences(saved: dict, now: dict) -> list[str]:
     diffs = []
     a, b = saved["settings"], now["settings"]
     for k in sorted(set(a) | set(b)):
-        if a.get(k) == b.get(k):
+        if a.get(k, UNRECORDED.get(k)) == b.get(k):
             continue
         if k == "steps" and b.get("schedule", "constant") != "constant":
             diffs.append(f"steps {a.get(k)!r} -> {b.get(k)!r} (the {b['schedule']} schedule spans the whole run)")
@@ -578,7 +595,8 @@ def _differences(saved: dict, now: dict) -> list[str]:
         elif key.endswith("sha256"):
             diffs.append(f"{what} changed (sha256 {str(x)[:12]}... -> {str(y)[:12]}...)")
         elif key == "backend":
-            diffs += [f"{k} {x.get(k)!r} -> {y.get(k)!r}" for k in sorted(y) if x.get(k) != y.get(k)]
+            diffs += [f"{k} {x.get(k, UNRECORDED.get(k))!r} -> {y.get(k)!r}" for k in sorted(y)
+                      if x.get(k, UNRECORDED.get(k)) != y.get(k)]
         elif key == "valid_rows":
             if None not in (x, y):   # else the valid file's line says it
                 diffs.append(f"{what} differ")
