@@ -81,7 +81,7 @@ class TuneSettings:
     groups: str = _opt(AUTO, "evaluate a step's value sets (θ+εz and θ−εz of each direction) together in one "
                        "llama_decode, each on its own copy of the batch ('on'), or one decode each ('off'); 'auto': on "
                        "with --gpu-layers, where every decode pays the sparse path's synchronizations, off on the CPU, "
-                       "where one decode per set measured faster (docs/runtime.md)", RUNTIME,
+                       "where it measured no faster and adds layout noise (docs/runtime.md)", RUNTIME,
                        choices=(AUTO, "on", "off"))
     verbose: bool = _opt(False, "show llama.cpp's log", RUNTIME)
     quiet: bool = _opt(False, "no progress bar", RUNTIME)
