@@ -78,11 +78,10 @@ class TuneSettings:
     threads: int = _opt(0, "CPU threads (0: every core)", RUNTIME)
     gpu_layers: int = _opt(0, "layers to offload to a GPU backend", RUNTIME)
     kv_f32: bool = _opt(False, "keep the KV cache in F32 instead of F16 (and turn flash attention off)", RUNTIME)
-    groups: str = _opt(AUTO, "evaluate a step's value sets (θ+εz and θ−εz of each direction) together in one "
-                       "llama_decode, each on its own copy of the batch ('on'), or one decode each ('off'); 'auto': on "
-                       "with --gpu-layers, where every decode pays the sparse path's synchronizations, off on the CPU, "
-                       "where it measured no faster and adds layout noise (docs/runtime.md)", RUNTIME,
-                       choices=(AUTO, "on", "off"))
+    one_decode: bool = _opt(False, "evaluate a step's value sets (θ+εz and θ−εz of each direction) together in one "
+                            "llama_decode, each on its own copy of the batch, instead of one decode each. On a "
+                            "2-core CPU it measured no faster; on a GPU it halves a step's synchronizations but is "
+                            "not measured yet (docs/runtime.md)", RUNTIME)
     verbose: bool = _opt(False, "show llama.cpp's log", RUNTIME)
     quiet: bool = _opt(False, "no progress bar", RUNTIME)
     # ---- several workers ----
@@ -110,8 +109,8 @@ class TuneSettings:
         return d
 
     def grouped(self) -> bool:
-        """Whether a step's value sets are evaluated in one decode (--groups)."""
-        return self.groups == "on" or (self.groups == AUTO and self.gpu_layers > 0)
+        """Whether a step's value sets are evaluated in one decode (--one-decode)."""
+        return self.one_decode
 
     def step_groups(self, workers: int = 1) -> int:
         """Value sets one worker evaluates per step in one decode: θ±εz of each of its directions."""
@@ -126,9 +125,9 @@ STEPS_UNDER_TIME = 1_000_000
 # Settings that change the deltas (the others name files, or change speed and display only).
 RESULT_FIELDS = ("objective", "steps", "batch_size", "lr", "eps", "optimizer", "schedule", "warmup", "directions",
                  "seed", "eval_every", "save_every", "patience", "max_tokens", "chat", "valid_fraction", "valid_max",
-                 "density", "groups")
+                 "density", "one_decode")
 # What runs recorded before a setting existed behaved as.
-UNRECORDED = {"groups": "auto", "value_sets": "separate"}
+UNRECORDED = {"one_decode": False, "value_sets": "separate"}
 # Settings a --resume may change without changing what the run computes (more steps extend it).
 RESUMABLE = ("steps", "time", "save_every")   # eval_every and patience pick the best step: not these
 FIELDS = {f.name: f for f in dataclasses.fields(TuneSettings)}

@@ -55,7 +55,7 @@ def test_every_long_option_is_a_yaml_key_with_the_same_meaning():
     parser = build_parser()
     samples = {"steps": 7, "batch_size": 3, "lr": 0.5, "eps": 0.01, "optimizer": "sign", "schedule": "cosine",
                "time": "2m", "objective": "nll", "max_tokens": 77, "chat": True, "threads": 1, "density": 0.01,
-               "patience": 2, "valid_fraction": 0.2, "dist_timeout": 9.0, "quiet": True, "groups": "on"}
+               "patience": 2, "valid_fraction": 0.2, "dist_timeout": 9.0, "quiet": True}
     for f in dataclasses.fields(TuneSettings):
         value = samples.get(f.name, f"x-{f.name}" if "str" in str(f.type) and "float" not in str(f.type)
                             else True if f.default is False else 5)

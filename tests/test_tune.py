@@ -120,18 +120,18 @@ def _wait_for_step(out, step, proc, timeout=120):
 
 
 def test_one_decode_per_step_gives_the_same_deltas_and_resumes_exactly(toy, tmp_path):
-    """--groups on evaluates a step's θ±εz of both directions in one decode. On the quantized
+    """--one-decode evaluates a step's θ±εz of both directions in one decode. On the quantized
     tiny model the layouts agree bit for bit, so the run equals the separate-decode run; a resume
     under it equals the uninterrupted run; and resuming with the other setting is refused."""
     one, separate, resumed = tmp_path / "one", tmp_path / "separate", tmp_path / "resumed"
     common = ("--steps", "10", "--directions", "2", "--eval-every", "5", "--save-every", "5")
-    assert _tune(toy, one, *common, "--groups", "on") == 0
-    assert _tune(toy, separate, *common, "--groups", "off") == 0
+    assert _tune(toy, one, *common, "--one-decode") == 0
+    assert _tune(toy, separate, *common) == 0
     assert np.array_equal(_theta(one), _theta(separate))
     assert json.loads((one / "run.json").read_text())["backend"]["value_sets"] == "one decode"
-    assert _tune(toy, resumed, "--steps", "5", *common[2:], "--groups", "on") == 0
-    assert _tune(toy, resumed, "--steps", "10", *common[2:], "--groups", "off", "--resume") != 0
-    assert _tune(toy, resumed, *common, "--groups", "on", "--resume") == 0
+    assert _tune(toy, resumed, "--steps", "5", *common[2:], "--one-decode") == 0
+    assert _tune(toy, resumed, "--steps", "10", *common[2:], "--resume") != 0
+    assert _tune(toy, resumed, *common, "--one-decode", "--resume") == 0
     assert np.array_equal(_theta(one), _theta(resumed))
 
 
