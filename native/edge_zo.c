@@ -83,6 +83,7 @@ struct ez_model {
      * same among the columns that produce logits (what the last layer keeps). plan_cur: the
      * micro-batch being computed, advanced at each graph's token-embedding lookup. */
     int32_t plan_n, plan_cap, plan_cur;
+    int32_t plan_width;      /* the n_groups the plan arrays were sized for */
     int32_t *plan_tok, *plan_out, *plan_ntok, *plan_nout;
 #ifdef EDGE_ZO_CUDA
     int64_t cuda_epoch[EZ_CUDA_MAX_DEVICES]; /* the epoch whose values each device holds */
@@ -898,6 +899,13 @@ int ez_groups_set(ez_model *m, const float *base, int64_t n, const float *const 
     for (ez_slot *s = m->slots; s; s = s->next) {
         const uintptr_t a = (uintptr_t)s->values, b = (uintptr_t)(s->values + s->n);
         s->group_off = s->n > 0 && a >= lo && b <= hi ? (int64_t)(s->values - base) : -1;
+    }
+    if (n_sets != m->plan_width) { /* the plan's rows are n_sets wide: size them again */
+        free(m->plan_tok);
+        free(m->plan_out);
+        m->plan_tok = m->plan_out = NULL;
+        m->plan_cap = 0;
+        m->plan_width = n_sets;
     }
     m->group_sets = sets;
     m->n_groups = n_sets;

@@ -634,8 +634,19 @@ static void test_groups(ez_model *m, weight *ws, int n_w, const loss_set *ls, in
     start2[2 * N_SEQ] = 2 * n_tok;
     expect_error(ez_loss(m, tok2, tgt2, start2, 2 * N_SEQ, group, both, both_count), EZ_ERR_INVALID, "no value sets",
                  "groups: sequence groups without value sets are refused");
+    /* One set first: the plan is then one group wide, and must be sized again for two. */
+    const float *second[1] = {sets[1]};
+    const int32_t zeros[N_SEQ] = {0};
+    double alone[N_SEQ];
+    int32_t alone_count[N_SEQ];
+    int rc = ez_groups_set(m, base, total, second, 1);
+    if (rc == EZ_OK) rc = ez_loss(m, ls->tokens, ls->target, ls->seq_start, N_SEQ, zeros, alone, alone_count);
+    ez_groups_clear(m);
+    check(rc == EZ_OK && memcmp(alone_count, one_count[1], sizeof alone_count) == 0 &&
+          fabs(alone[0] - one[1][0]) <= (exact ? 0.0 : 1e-5 * fabs(one[1][0])),
+          "groups: one value set alone gives its one-by-one losses", "%s", ez_last_error());
     const int64_t decodes = ez_decode_count(m);
-    int rc = ez_groups_set(m, base, total, (const float *const *)sets, 2);
+    rc = ez_groups_set(m, base, total, (const float *const *)sets, 2);
     if (check(rc == EZ_OK, "groups: set two value sets", "%s", ez_last_error())) {
         rc = ez_loss(m, tok2, tgt2, start2, 2 * N_SEQ, group, both, both_count);
         ok &= check(rc == EZ_OK, "groups: eight sequences in two groups", "%s", ez_last_error());

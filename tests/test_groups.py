@@ -95,6 +95,20 @@ def test_grouped_choice_scores_equal_one_by_one(tiny_q4, tmp_path):
     assert not np.allclose(np.concatenate(alone[0]), np.concatenate(alone[1]))
 
 
+def test_the_number_of_value_sets_may_change_between_calls(tiny_q4, tmp_path):
+    """One runtime, one set, then four (more than it was sized for: several decodes), then two."""
+    with Runtime(tiny_q4.path, RuntimeOptions(batch_size=6, max_tokens=64, groups=2)) as rt:
+        ex = _examples(rt, tmp_path)
+        a = _adapter(tiny_q4.path)
+        rt.attach(a)
+        sets = _sets(a, 4)
+        alone = _one_by_one(a.values, sets, lambda: rt.loss(ex))
+        for k in (1, 4, 2):
+            together = rt.losses(ex, ValueSets(a.values, sets[:k]))
+            for t, s in zip(together, alone[:k]):
+                np.testing.assert_allclose(t.nll, s.nll, rtol=1e-9, atol=1e-9)
+
+
 def test_slots_outside_the_live_buffer_keep_their_values(tiny_q4, tmp_path):
     """A fixed adapter underneath (the sidecar's base values) applies in every group."""
     with Runtime(tiny_q4.path, RuntimeOptions(batch_size=6, max_tokens=64, groups=2)) as rt:
