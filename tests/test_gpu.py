@@ -288,8 +288,10 @@ def test_grouped_value_sets_on_gpu_equal_one_by_one(tiny_tied, kv_unified):
           f"{max(np.max(np.abs(x - y)) for x, y in zip(together, alone)):.2e}; counts {counts}")
     assert decodes == 1 and counts["cuda"] > 0 and counts["fallback"] == 0
     assert max(abs(x.sum() - y.sum()) for x, y in zip(alone[1:], alone[:-1])) > 0.1
+    # cuBLAS picks its F32 algorithm by batch width: the two layouts sum in different orders (1.3e-3 on a
+    # summed NLL of 72 seen on an H100); a group reading the wrong values would move it by more than 0.1.
     for x, y in zip(together, alone):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=FLOOR)
 
 
 def test_q4_smollm2_shape_cuda_matches_host(smollm2_shape, tmp_path):
