@@ -2,6 +2,7 @@
 adapters, and losses from llama.cpp forward passes."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,24 +174,13 @@ class Runtime:
         tokens = np.concatenate([e.tokens for e in examples] * k)
         targets = np.concatenate([e.targets for e in examples] * k)
         start = np.cumsum([0] + [len(e.tokens) for e in examples] * k).astype(np.int32)
-        with self._grouped(value_sets) as seq_group:
-            nll, count = self.native.loss(tokens, targets, start, None if seq_group is None else seq_group(n))
+        with self._applied(value_sets):
+            nll, count = self.native.loss(tokens, targets, start, _seq_group(value_sets, n))
         return [LossResult(nll[i * n:(i + 1) * n], count[i * n:(i + 1) * n]) for i in range(k)]
 
-    def _grouped(self, value_sets: ValueSets | None):
-        """A context in which the native calls take seq_group(n): n sequences per value set, set by set
-        (None without value sets)."""
-        import contextlib
-
-        if value_sets is None:
-            return contextlib.nullcontext(None)
-        k = len(value_sets)
-
-        @contextlib.contextmanager
-        def block():
-            with self.native.groups(value_sets.live, value_sets.sets):
-                yield lambda n: np.repeat(np.arange(k, dtype=np.int32), n)
-        return block()
+    def _applied(self, value_sets: ValueSets | None):
+        """The native context in which sequence groups read the value sets (nothing without them)."""
+        return contextlib.nullcontext() if value_sets is None else self.native.groups(value_sets.live, value_sets.sets)
 
     def _per_set(self, value_sets: ValueSets | None, evaluate) -> list | None:
         """Where this model cannot evaluate value sets together (recurrent and hybrid memories):
@@ -238,9 +228,9 @@ class Runtime:
             prompts = [examples[i].choices[0].tokens[:-1] for i in single]
             start = np.cumsum([0] + [len(t) for t in prompts] * k).astype(np.int32)
             cands = [np.array([c.tokens[-1] for c in examples[i].choices], np.int32) for i in single]
-            with self._grouped(value_sets) as seq_group:
+            with self._applied(value_sets):
                 logps = self.native.next_logprobs(np.concatenate(prompts * k), start, cands * k,
-                                                  None if seq_group is None else seq_group(len(single)))
+                                                  _seq_group(value_sets, len(single)))
             for j, logp in enumerate(logps):
                 scores[j // len(single)][single[j % len(single)]] = logp
         rest = [i for i in range(len(examples)) if scores[0][i] is None]
@@ -301,6 +291,11 @@ class Runtime:
             yield text
         if pending:
             yield pending.decode("utf-8", "replace")
+
+
+def _seq_group(value_sets: ValueSets | None, n: int) -> np.ndarray | None:
+    """The group of each sequence when n sequences are repeated once per value set, set by set."""
+    return None if value_sets is None else np.repeat(np.arange(len(value_sets), dtype=np.int32), n)
 
 
 def shared_prompt(e: Example) -> int | None:
