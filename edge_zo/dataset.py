@@ -196,19 +196,22 @@ class Tokenizer:
     def _ids(self, text: str, first: bool) -> np.ndarray:
         return self.native.tokenize(text, add_special=first, parse_special=True)
 
-    def _pair(self, prompt: str, completion: str) -> Example:
+    def _pairs(self, prompt: str, completions: list[str]) -> list[Example]:
+        """prompt + each completion. Too long: the prompt's start is dropped, never the completion
+        being scored, and by the same count for every completion, so a row's choices are scored
+        after the very same prompt (and Runtime.choice_scores can decode it once for all)."""
         if self.chat:
             prompt = self.native.apply_chat_template([{"role": "user", "content": prompt}], add_assistant=True)
         p = self._ids(prompt, True)
         if len(p) == 0:  # an empty prompt on a model without BOS: start from BOS anyway
             p = np.array([self.native.bos], np.int32)
-        c = self._ids(completion, False)
-        # Too long: drop the prompt's start, not the completion being scored.
-        keep = max(self.max_tokens - len(c), 1)
+        cs = [self._ids(c, False) for c in completions]
+        keep = max(self.max_tokens - max(len(c) for c in cs), 1)
         if len(p) > keep:
             p = p[len(p) - keep:]
-        return self._cap(Example(np.concatenate([p, c]).astype(np.int32),
-                                 np.concatenate([np.zeros(len(p), np.uint8), np.ones(len(c), np.uint8)])))
+        return [self._cap(Example(np.concatenate([p, c]).astype(np.int32),
+                                  np.concatenate([np.zeros(len(p), np.uint8), np.ones(len(c), np.uint8)])))
+                for c in cs]
 
     def _cap(self, ex: Example) -> Example:
         # Text and chat rows longer than the context are cut at the end, as mlx-lm does.
@@ -224,10 +227,13 @@ class Tokenizer:
             tg[0] = 0
             return self._cap(Example(t.astype(np.int32), tg))
         if fmt is Format.COMPLETION:
-            ex = self._pair(r["prompt"], r["completion"])
-            if "choices" in r:
-                ex.choices = [self._pair(r["prompt"], c) for c in r["choices"]]
-                ex.answer = r["choices"].index(r["completion"])
+            if "choices" not in r:
+                return self._pairs(r["prompt"], [r["completion"]])[0]
+            choices = self._pairs(r["prompt"], r["choices"])
+            ex = choices[r["choices"].index(r["completion"])]
+            ex = Example(ex.tokens.copy(), ex.targets.copy())
+            ex.choices = choices
+            ex.answer = r["choices"].index(r["completion"])
             return ex
         return self._cap(self._chat(r["messages"]))
 

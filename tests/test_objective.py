@@ -12,7 +12,7 @@ from edge_zo import objective, run_dir
 from edge_zo.cli import main as cli
 from edge_zo.dataset import Tokenizer, load_jsonl
 from edge_zo.errors import InvalidInputError
-from edge_zo.runtime import Runtime, RuntimeOptions, choice_correct, choice_cross_entropy
+from edge_zo.runtime import Runtime, RuntimeOptions, choice_correct, choice_cross_entropy, shared_prompt
 
 from .conftest import write_jsonl, zero_sidecar
 
@@ -45,6 +45,21 @@ def test_choice_scores_equal_whole_sequence_scores(tiny, tmp_path, rows):
     for f, s in zip(fast, slow):
         np.testing.assert_allclose(f, s, rtol=1e-5, atol=1e-5)
     assert len(fast[0]) == len(rows[0]["choices"])
+
+
+def test_a_long_prompt_is_cut_alike_for_every_choice(tiny, tmp_path):
+    """A prompt longer than the context loses the same tokens before each choice, whatever the
+    choice's length: the choices are compared after one prompt, which is decoded once for all."""
+    long = " ".join(f"word{i}" for i in range(200)) + " Who wrote it? Answer:"
+    rows = [{"prompt": long, "completion": " Herman Melville",
+             "choices": [" Herman Melville", " Shakespeare", " a U.S. President"]}]
+    with Runtime(tiny.path, OPTS) as rt:
+        [e] = _examples(rt, write_jsonl(tmp_path / "long.jsonl", rows))
+        n = shared_prompt(e)
+        assert n is not None and max(len(c.tokens) for c in e.choices) == OPTS.max_tokens
+        assert all(np.array_equal(c.tokens[:n], e.choices[0].tokens[:n]) for c in e.choices)
+        assert np.array_equal(e.tokens, e.choices[0].tokens) and e.answer == 0
+        np.testing.assert_allclose(rt.choice_scores([e])[0], _sequence_scores(rt, [e])[0], rtol=1e-5, atol=1e-5)
 
 
 def test_multi_token_choices_on_smollm2_score_as_whole_sequences(smollm2, tmp_path):
