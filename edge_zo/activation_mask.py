@@ -66,12 +66,16 @@ def _log(msg: str) -> None:
 
 # ---- statistics ----
 
+STATS_UBATCH = 128   # tokens per graph of the statistics forwards
+
+
 def stats_runtime(model: str | Path, seq_len: int, threads: int = 0):
-    """A Runtime sized for `activation_stats`: one sequence of up to `seq_len` tokens per forward
-    (the smallest KV cache and compute buffers: the model's file is most of the memory)."""
+    """A Runtime sized for `activation_stats`: one sequence of up to `seq_len` tokens per forward,
+    in graphs of 128 tokens (the smallest KV cache and compute buffers: the model's file is most
+    of the memory; graphs of 256 tokens cost SmolLM2 3.3 MiB more, docs/mask.md)."""
     from .runtime import Runtime, RuntimeOptions
 
-    return Runtime(model, RuntimeOptions(batch_size=1, max_tokens=seq_len, threads=threads))
+    return Runtime(model, RuntimeOptions(batch_size=1, max_tokens=seq_len, threads=threads, ubatch=STATS_UBATCH))
 
 
 def activation_stats(rt, sequences: list[np.ndarray], targets: list[str], *,

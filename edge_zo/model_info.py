@@ -35,7 +35,16 @@ class ModelInfo:
     architecture: str
     file_type: int | None
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
-    header: GGUFHeader | None = field(default=None, repr=False)
+    _header: GGUFHeader | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def header(self) -> GGUFHeader:
+        """The file's whole header (every metadata key, the tensor infos), parsed again on first use
+        and kept: a 49k-token vocabulary alone is ~10 MB of Python strings, which an open Runtime need
+        not hold beside the model (docs/mask.md: the activation mask's peak memory)."""
+        if self._header is None:
+            self._header = read_header(self.path)
+        return self._header
 
     @classmethod
     def open(cls, path: str | Path) -> "ModelInfo":
@@ -62,7 +71,7 @@ class ModelInfo:
                 type_name = f"type{t.type}"
             tensors[t.name] = TensorInfo(t.name, tuple(reversed(t.shape)), type_name)
         ftype = header.get(General.FILE_TYPE)
-        return cls(path, arch, int(ftype) if ftype is not None else None, tensors, header)
+        return cls(path, arch, int(ftype) if ftype is not None else None, tensors)
 
     def block_matmul_weights(self) -> list[str]:
         """Weights multiplied inside the transformer blocks: the default tuning targets."""
