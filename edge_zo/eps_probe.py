@@ -45,6 +45,10 @@ TIE = 0.03
 DIRECTIONS = 12
 MIN_DIRECTIONS = 6           # a time-budgeted run's probe (tune --time) uses no fewer
 TYPICAL_RUNGS = 5            # the ladder's 4 rungs, and often one more
+# Where even the smallest probe does not fit its share of a --time budget (a slow file, long rows,
+# a few minutes), the run tunes at this ε rather than spend most of its minutes probing: the middle
+# of what the probe chose on the models and backends measured (1.7e-3 … 5.2e-3, docs/fidelity.md).
+FALLBACK_EPS = 3e-3
 POOR_AGREEMENT = 0.7         # below: the estimates will be noisy whatever ε is (r ≲ 0.85)
 # The probe's directions come from their own stream (index), so a run's directions stay those of
 # a fixed-ε run with the same seed.
@@ -136,6 +140,11 @@ def choose_eps_live(live: np.ndarray, batch_loss: Callable[[int], float], seed: 
         return choose_eps(loss_at, len(live), seed, directions)
     finally:
         live[:] = theta
+
+
+def smallest_probe_seconds(forward_seconds: float) -> float:
+    """Seconds of the smallest probe a --time budget allows: MIN_DIRECTIONS over a typical ladder."""
+    return 2 * TYPICAL_RUNGS * MIN_DIRECTIONS * forward_seconds
 
 
 def directions_within(seconds: float, forward_seconds: float) -> int:

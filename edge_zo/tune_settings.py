@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import distributed
+from .eps_probe import FALLBACK_EPS
 from .errors import InvalidInputError
+from .lr_search import SEARCH_SHARE
 from .objective import AUTO, Objective
 from .spsa import Optimizer, Schedule
 from .trainer import LoopConfig
@@ -57,7 +59,9 @@ class TuneSettings:
                            "how far each tuned weight moves per step")
     eps: float | str = _opt(AUTO, "perturbation size ε, or 'auto': about 100 forwards on the first batches find "
                             "where this model, backend and data give loss differences that scale with ε "
-                            "(docs/fidelity.md); a number skips the probe")
+                            f"(docs/fidelity.md); under --time it gets a {SEARCH_SHARE:g} share of the budget, and the run tunes "
+                            f"at {FALLBACK_EPS:g} unprobed where its smallest probe would take longer; a number skips "
+                            "the probe")
     optimizer: str = _opt(Optimizer.ADAM.value, "the update rule: adam (ZO-Adam: moments of the estimates, per "
                           "tuned weight), sgd (MeZO's ZO-SGD), momentum or sign (docs/objective.md)",
                           choices=tuple(o.value for o in Optimizer))

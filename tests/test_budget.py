@@ -55,6 +55,22 @@ def test_budget_spent_by_the_searches_is_an_error(toy, tmp_path, capsys):  # noq
     assert "was spent by the searches" in capsys.readouterr().err
 
 
+def test_an_eps_probe_too_slow_for_its_share_is_skipped(toy, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """Where even the smallest ε probe would take more than its share of --time (a slow file, long
+    rows, a few minutes), the run tunes at the fallback ε instead of spending its minutes probing,
+    says so, and records why in run.json."""
+    from edge_zo import eps_probe
+
+    monkeypatch.setattr(eps_probe, "MIN_DIRECTIONS", 10**6)   # as if each forward took hours
+    out = tmp_path / "skipped"
+    assert _tune(toy, out, "--eps", "auto", "--time", "4s") == 0
+    err = capsys.readouterr().err
+    assert f"--eps auto: tuning at ε {eps_probe.FALLBACK_EPS:g} without a probe" in err, err
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["eps"] == eps_probe.FALLBACK_EPS and "share of --time 4s" in run["eps_search"]["skipped"]
+    assert run_dir.read_metrics(out)[-1]["step"] > 0                  # the budget went to steps
+
+
 def test_lr_probes_shrink_to_their_share_of_the_budget():
     from edge_zo.lr_search import LR_GRID, MIN_PROBE_STEPS, PROBE_STEPS, probe_steps_within
 

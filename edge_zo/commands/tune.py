@@ -228,8 +228,8 @@ def _attach(s, world, team, out, rt, train_ex, valid_ex, sidecar_path) -> _Job:
     slow = slow_cpu_type(rt.info) if s.gpu_layers == 0 else None
     if slow:
         job.say(f"note: this model's block matmuls are {slow}, whose llama.cpp CPU kernels are the slowest 4-bit ones: "
-                f"a Q4_0 copy (edge-zo convert {s.model} --quant Q4_0 -o DIR) runs SmolLM2's forwards 2.3-2.9x faster "
-                "on 2 cores, for +10% perplexity (docs/runtime.md)")
+                f"a Q4_0 copy (edge-zo convert {s.model} -o DIR, then tune DIR/model.gguf) runs SmolLM2's forwards "
+                "2.3-2.9x faster on 2 cores, for +10% perplexity (docs/convert.md)")
     if s.directions % world.size:
         job.say(f"note: --directions {s.directions} does not divide among {world.size} workers: some wait for the "
                 f"others every step; --directions {world.size} or a multiple keeps all busy")
@@ -271,6 +271,15 @@ def _searched(job: _Job, resume: bool, deadline: float | None) -> TuneSettings:
             directions = eps_probe.DIRECTIONS
             if deadline is not None:  # the probe gets its share of the budget, measured by one forward's time
                 share = lr_search.SEARCH_SHARE * s.time_seconds()
+                smallest = eps_probe.smallest_probe_seconds(_forward_seconds(job, s))
+                if smallest > share:
+                    s = dataclasses.replace(s, eps=eps_probe.FALLBACK_EPS)
+                    job.searches["eps"] = {"skipped": f"its smallest probe takes about {smallest:.0f} s, more than "
+                                                      f"its {share:.0f} s share of --time {s.time}"}
+                    job.say(f"--eps auto: tuning at ε {s.eps:g} without a probe: its smallest takes about "
+                            f"{smallest:.0f} s, more than its {share:.0f} s share of --time {s.time} (give --eps, "
+                            "or more time)")
+                    continue
                 directions = eps_probe.directions_within(share, _forward_seconds(job, s))
                 job.say(f"--eps auto: {directions} directions fit a {share:.0f} s share of --time {s.time}")
             s = dataclasses.replace(s, eps=_search_eps(job, s, directions))
