@@ -34,7 +34,7 @@ from edge_zo.runtime import Runtime, RuntimeOptions
 from . import calib
 from . import mask as masks
 from .codes import values_at
-from .dense import QUANT_CHOICES, Split, plan_types, write_dense
+from .dense import FAST_TYPE, QUANT_CHOICES, Split, plan_types, write_dense
 from .fisher import MaskMethod, Scope
 from .hf_names import arch_spec
 
@@ -160,9 +160,11 @@ def run(s: Settings) -> Report:
                    "selected": n_sel, "target_elements": n_all, "actual_density": n_sel / n_all}
 
     # 4. outputs, staged under .work
-    plan = plan_types(tf, info.block_matmul_weights(), s.quant, DEFAULT_QUANT)
+    plan = plan_types(tf, info.block_matmul_weights(), s.quant, DEFAULT_QUANT, faster=s.split is Split.ZERO)
     staged_model, staged_sidecar = work / MODEL_NAME, work / SIDECAR_NAME
-    log(f"writing {MODEL_NAME} ({'source types kept' if plan.kept_source_types else 'quantizing'}, "
+    kept = "source types kept" + (f", {'/'.join(sorted({tf.tensors[n].type_name for n in plan.requantized}))} "
+                                  f"block matmuls to {FAST_TYPE.name}" if plan.requantized else "")
+    log(f"writing {MODEL_NAME} ({kept if plan.kept_source_types else 'quantizing'}, "
         f"split {s.split.value})")
     dense_at = write_dense(tf, staged_model, plan, selected, s.split, s.progress)
     base = {name: (idx, sidecar_base(tf.tensors[name], idx, dense_at[name], s.split))

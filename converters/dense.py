@@ -1,10 +1,14 @@
 """Writing the dense model.gguf: every metadata key of the source, 4-bit block
 matmuls, and the sensitive coordinates zeroed (--split zero) or kept.
 
-Types. A source whose block matmuls are already mostly below 8 bits (Q4_1,
+Types. A source whose block matmuls are already mostly below 8 bits (Q4_0,
 Q4_K_M, ...) keeps every tensor's type and bytes: re-quantizing a quantized
-model to another type costs quality (SmolLM2 Q4_1 -> Q4_0: perplexity 51.5 ->
-62.3). A float or Q8_0 source gets its block matmuls quantized to --quant
+model to another type costs quality. The exception is SLOW_SOURCE_TYPES (Q4_1),
+whose CPU kernels run at half the speed of the other 4-bit types' and which
+llama.cpp does not repack: those block matmuls become Q4_0, the sensitive
+coordinates zeroed first, so that the outliers no longer stretch the blocks
+(SmolLM2: perplexity with the sidecar 30.32 -> 33.43, tune steps per minute
+2.2x; docs/convert.md); not under --split keep, whose model stays as it is. A float or Q8_0 source gets its block matmuls quantized to --quant
 (gguf-py writes Q4_0/Q4_1 bit-exactly like llama.cpp) and float embeddings to
 Q8_0; everything else (norms) keeps its type.
 
@@ -29,6 +33,7 @@ from edge_zo.atomic import atomic_path
 from edge_zo.constants import OUTPUT, TOKEN_EMBD, General
 from edge_zo.errors import InvalidInputError
 from edge_zo.gguf_io import TensorFile, copy_fields
+from edge_zo.runtime import SLOW_CPU_TYPES
 
 from . import codes
 
@@ -36,6 +41,9 @@ Q = gguf.GGMLQuantizationType
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 HIGH_PRECISION = FLOAT_TYPES + (Q.Q8_0,)
 QUANT_CHOICES = ("Q4_0", "Q4_1")
+# The 4-bit source types whose block matmuls become FAST_TYPE (module docstring).
+SLOW_SOURCE_TYPES = tuple(Q[name] for name in SLOW_CPU_TYPES)
+FAST_TYPE = Q.Q4_0
 FILE_TYPES = {Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1}
 
 
@@ -48,7 +56,7 @@ class Split(enum.Enum):
 class TypePlan:
     types: dict[str, Q]          # output type of every tensor
     requantized: list[str]       # tensors whose type changes
-    kept_source_types: bool      # the source was already low-bit and keeps its types
+    kept_source_types: bool      # the source was already low-bit and keeps its types (slow ones excepted)
 
     @property
     def file_type(self) -> int | None:
@@ -57,15 +65,21 @@ class TypePlan:
         return int(FILE_TYPES[mm.pop()]) if len(mm) == 1 and next(iter(mm)) in FILE_TYPES else None
 
 
-def plan_types(tf: TensorFile, matmuls: list[str], quant: str | None, default_quant: str) -> TypePlan:
-    """Choose each tensor's output type (see the module docstring)."""
+def plan_types(tf: TensorFile, matmuls: list[str], quant: str | None, default_quant: str,
+               faster: bool = True) -> TypePlan:
+    """Choose each tensor's output type (see the module docstring); `faster`: False keeps a 4-bit
+    source's SLOW_SOURCE_TYPES too (--split keep: a model that must stay as it is)."""
     src = {n: t.type for n, t in tf.tensors.items()}
     elems = {n: tf.tensors[n].n_elements for n in matmuls}
     low = sum(elems[n] for n in matmuls if src[n] not in HIGH_PRECISION)
     already_low = low * 2 >= sum(elems.values()) and quant is None
     target = Q[quant or default_quant]
     types = dict(src)
-    if not already_low:
+    if already_low and faster:
+        for n in matmuls:
+            if src[n] in SLOW_SOURCE_TYPES:
+                types[n] = FAST_TYPE
+    elif not already_low:
         for n in matmuls:
             if src[n] != target and (quant is not None or src[n] in HIGH_PRECISION):
                 types[n] = target

