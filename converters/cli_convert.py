@@ -38,8 +38,8 @@ how the dense model's types are chosen (--quant):
           except the codes of the sensitive weights under --split zero; but Q4_1 block matmuls,
           whose CPU kernels run at half the speed of the other 4-bit types', become Q4_0 (the
           sensitive weights taken out first; not under --split keep): SmolLM2's file tunes 2.2x
-          the steps per minute for +10% perplexity. Any other source (F32, F16, BF16, Q8_0, a Hugging Face folder) gets
-          Q4_1 block matmuls and Q8_0 embeddings
+          the steps per minute for +10% perplexity. Any other source (F32, F16, BF16, Q8_0, a
+          Hugging Face folder) gets Q4_1 block matmuls and Q8_0 embeddings
   Q4_0/Q4_1  re-quantize every block matmul to this type (costs quality on a 4-bit source)
 
 defaults live in converters/convert.py (Settings); docs/convert.md describes the calibration

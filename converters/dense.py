@@ -8,9 +8,10 @@ whose CPU kernels run at half the speed of the other 4-bit types' and which
 llama.cpp does not repack: those block matmuls become Q4_0, the sensitive
 coordinates zeroed first, so that the outliers no longer stretch the blocks
 (SmolLM2: perplexity with the sidecar 30.32 -> 33.43, tune steps per minute
-2.2x; docs/convert.md); not under --split keep, whose model stays as it is. A float or Q8_0 source gets its block matmuls quantized to --quant
-(gguf-py writes Q4_0/Q4_1 bit-exactly like llama.cpp) and float embeddings to
-Q8_0; everything else (norms) keeps its type.
+2.2x; docs/convert.md); not under --split keep, whose model stays as it is.
+A float or Q8_0 source gets its block matmuls quantized to --quant (gguf-py
+writes Q4_0/Q4_1 bit-exactly like llama.cpp) and float embeddings to Q8_0;
+everything else (norms) keeps its type.
 
 Zeroing. Where a tensor is re-quantized, its sensitive coordinates are set to
 0 before quantizing, so they no longer stretch their block's scale (the

@@ -230,11 +230,8 @@ class Tokenizer:
             if "choices" not in r:
                 return self._pairs(r["prompt"], [r["completion"]])[0]
             choices = self._pairs(r["prompt"], r["choices"])
-            ex = choices[r["choices"].index(r["completion"])]
-            ex = Example(ex.tokens.copy(), ex.targets.copy())
-            ex.choices = choices
-            ex.answer = r["choices"].index(r["completion"])
-            return ex
+            answer = r["choices"].index(r["completion"])
+            return Example(choices[answer].tokens, choices[answer].targets, choices, answer)
         return self._cap(self._chat(r["messages"]))
 
     def _chat(self, messages: list[dict]) -> Example:

@@ -142,14 +142,19 @@ def choose_eps_live(live: np.ndarray, batch_loss: Callable[[int], float], seed: 
         live[:] = theta
 
 
+def _direction_seconds(forward_seconds: float) -> float:
+    """Seconds of one direction's ± forwards over a typical ladder."""
+    return 2 * TYPICAL_RUNGS * forward_seconds
+
+
 def smallest_probe_seconds(forward_seconds: float) -> float:
-    """Seconds of the smallest probe a --time budget allows: MIN_DIRECTIONS over a typical ladder."""
-    return 2 * TYPICAL_RUNGS * MIN_DIRECTIONS * forward_seconds
+    """Seconds of the smallest probe a --time budget allows: MIN_DIRECTIONS directions."""
+    return MIN_DIRECTIONS * _direction_seconds(forward_seconds)
 
 
 def directions_within(seconds: float, forward_seconds: float) -> int:
     """Directions whose ± forwards over a typical ladder fit `seconds` (MIN_DIRECTIONS … DIRECTIONS)."""
-    fit = int(seconds / max(2 * TYPICAL_RUNGS * forward_seconds, 1e-9))
+    fit = int(seconds / max(_direction_seconds(forward_seconds), 1e-9))
     return max(MIN_DIRECTIONS, min(DIRECTIONS, fit))
 
 

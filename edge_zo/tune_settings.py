@@ -59,9 +59,9 @@ class TuneSettings:
                            "how far each tuned weight moves per step")
     eps: float | str = _opt(AUTO, "perturbation size ε, or 'auto': about 100 forwards on the first batches find "
                             "where this model, backend and data give loss differences that scale with ε "
-                            f"(docs/fidelity.md); under --time it gets a {SEARCH_SHARE:g} share of the budget, and the run tunes "
-                            f"at {FALLBACK_EPS:g} unprobed where its smallest probe would take longer; a number skips "
-                            "the probe")
+                            f"(docs/fidelity.md); under --time it gets a {SEARCH_SHARE:g} share of the budget, and "
+                            f"the run tunes at {FALLBACK_EPS:g} unprobed where its smallest probe would take longer; "
+                            "a number skips the probe")
     optimizer: str = _opt(Optimizer.ADAM.value, "the update rule: adam (ZO-Adam: moments of the estimates, per "
                           "tuned weight), sgd (MeZO's ZO-SGD), momentum or sign (docs/objective.md)",
                           choices=tuple(o.value for o in Optimizer))

@@ -271,7 +271,8 @@ def _searched(job: _Job, resume: bool, deadline: float | None) -> TuneSettings:
             directions = eps_probe.DIRECTIONS
             if deadline is not None:  # the probe gets its share of the budget, measured by one forward's time
                 share = lr_search.SEARCH_SHARE * s.time_seconds()
-                smallest = eps_probe.smallest_probe_seconds(_forward_seconds(job, s))
+                forward = _forward_seconds(job, s)
+                smallest = eps_probe.smallest_probe_seconds(forward)
                 if smallest > share:
                     s = dataclasses.replace(s, eps=eps_probe.FALLBACK_EPS)
                     job.searches["eps"] = {"skipped": f"its smallest probe takes about {smallest:.0f} s, more than "
@@ -280,7 +281,7 @@ def _searched(job: _Job, resume: bool, deadline: float | None) -> TuneSettings:
                             f"{smallest:.0f} s, more than its {share:.0f} s share of --time {s.time} (give --eps, "
                             "or more time)")
                     continue
-                directions = eps_probe.directions_within(share, _forward_seconds(job, s))
+                directions = eps_probe.directions_within(share, forward)
                 job.say(f"--eps auto: {directions} directions fit a {share:.0f} s share of --time {s.time}")
             s = dataclasses.replace(s, eps=_search_eps(job, s, directions))
         else:
