@@ -12,8 +12,9 @@ on a CPU gives the same curves, so it runs where forwards are cheap.
         --out results.jsonl [--gpu-layers 99]
     python -m bench.objective_grid --report results.jsonl      # a markdown table
 
-DIR holds model.gguf and sidecar.gguf (`edge-zo convert`). A configuration takes the keys
-objective (choices|nll), optimizer, lr, eps, steps, batch and seed.
+DIR holds model.gguf and sidecar.gguf (`edge-zo convert`); or name the two files with --model and
+--sidecar (a stock GGUF and a keep-split mask, as `edge-zo tune MODEL DATA` tunes them). A
+configuration takes the keys objective (choices|nll), optimizer, lr, eps, steps, batch and seed.
 """
 from __future__ import annotations
 
@@ -41,12 +42,12 @@ from ._common import log
 def run_task(args, task: str, configs: list[dict], out) -> None:
     folder = Path(args.tasks_dir) / task
     opts = RuntimeOptions(batch_size=16, max_tokens=args.max_tokens, threads=args.threads, gpu_layers=args.gpu_layers)
-    with Runtime(Path(args.model_dir) / "model.gguf", opts) as rt:
+    with Runtime(args.model, opts) as rt:
         tok = Tokenizer(rt.native, max_tokens=args.max_tokens)
         train_ex = tok.examples(load_jsonl(folder / "train.jsonl"))
         valid = tok.examples(load_jsonl(folder / "valid.jsonl"))[: args.n_valid]
         test = tok.examples(load_jsonl(folder / "test.jsonl"))[: args.n_test]
-        sidecar = SparseAdapter.load(Path(args.model_dir) / "sidecar.gguf")
+        sidecar = SparseAdapter.load(args.sidecar)
         if np.any(sidecar.values):
             rt.attach(sidecar)
         deltas = sidecar.with_values(np.zeros(sidecar.n_params, np.float32), {Sparse.ROLE: "deltas"})
@@ -76,7 +77,7 @@ def run_task(args, task: str, configs: list[dict], out) -> None:
             live[:] = state.best
             tested = objective.validation(rt, objective.Objective.CHOICES, test)
             live[:] = 0.0
-            row = {"task": task, "config": cfg, "curve": curve, "best_step": state.best_step,
+            row = {"task": task, "sidecar": str(args.sidecar), "config": cfg, "curve": curve, "best_step": state.best_step,
                    "test_accuracy": tested["valid_accuracy"], "test_choice_ce": tested["valid_loss"],
                    "seconds": round(time.perf_counter() - t0, 2), "error": error}
             out.write(json.dumps(row) + "\n")
@@ -108,6 +109,8 @@ def report(path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", help="folder with model.gguf and sidecar.gguf")
+    ap.add_argument("--model", type=Path, help="the GGUF model (default: DIR/model.gguf)")
+    ap.add_argument("--sidecar", type=Path, help="its sparse set (default: DIR/sidecar.gguf)")
     ap.add_argument("--tasks-dir", help="folder with one task folder (train/valid/test.jsonl) per task")
     ap.add_argument("--tasks", nargs="+", default=["spam", "author", "era"])
     ap.add_argument("--configs", help="JSON list of configurations")
@@ -123,8 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         print(report(args.report))
         return 0
-    if not (args.model_dir and args.tasks_dir and args.configs and args.out):
-        ap.error("--model-dir, --tasks-dir, --configs and --out are needed (or --report FILE)")
+    if args.model_dir:
+        args.model = args.model or Path(args.model_dir) / "model.gguf"
+        args.sidecar = args.sidecar or Path(args.model_dir) / "sidecar.gguf"
+    if not (args.model and args.sidecar and args.tasks_dir and args.configs and args.out):
+        ap.error("--model-dir (or --model and --sidecar), --tasks-dir, --configs and --out are needed"
+                 " (or --report FILE)")
     configs = json.loads(args.configs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as out:
