@@ -9,14 +9,17 @@ Pure functions, no command line (that is `edge_zo.commands.export`):
 - `merge_into_gguf` writes a GGUF that stock llama.cpp runs with no adapter.
   Only the quantization blocks that hold a nonzero delta are touched: each is
   dequantized, the deltas are added, and it is quantized back to the source type
-  with gguf-py (bit-exact with llama.cpp for Q4_0..Q8_0). Every other block and
+  with gguf-py (bit-exact with llama.cpp for Q4_0..Q8_0). A weight moved to a finer
+  type keeps its grid instead (`edge_zo.quant_grid`): its other values stay exactly
+  as they were, only the edited ones are rounded. Every other block and
   tensor keeps its bytes (read in place through `edge_zo.gguf_io` and
   streamed out one tensor at a time), and all metadata is copied. K-quants (and
   any type gguf-py can only dequantize) cannot be re-quantized here: such a
   weight is written whole as Q8_0 and listed in the report.
 
-Re-quantizing a 4-bit block moves all of its 32 values, not only the edited
-ones, and a delta under half a 4-bit step rounds away entirely; `MergedTensor`
+A delta under half a 4-bit step still rounds away in its own type (a finer
+grid, Q5_0 or Q8_0 at a half or a sixteenth of the step, keeps it), and
+re-quantizing a block whose largest value changed moves all 32 of its values; `MergedTensor`
 measures both in weight space, and the export command measures what they cost
 in loss.
 """
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import quant_grid
 from .adapter import SparseAdapter
 from .atomic import atomic_path
 from .constants import Sparse
@@ -180,9 +184,10 @@ def merge_tensor(raw: np.ndarray, source_type: str, output_type: str, idx: np.nd
     """Add deltas `val` at flat element indices `idx` to a tensor stored as `raw`
     bytes of `source_type`; return the new bytes (of `output_type`) and a summary.
 
-    With equal types only the blocks holding a nonzero delta are re-quantized,
-    so a zero adapter returns the bytes unchanged. Otherwise the whole weight is
-    dequantized and quantized to `output_type`.
+    With equal types only the blocks holding a nonzero delta are re-quantized, so a zero adapter
+    returns the bytes unchanged. Into a finer type of the same grid family (`quant_grid`: Q4_0 ->
+    Q5_0/Q8_0, Q4_1 -> Q5_1, Q5_0 -> Q8_0) blocks keep their grid and only the edited values are
+    rounded; otherwise the whole weight is dequantized and quantized to `output_type`.
     """
     import gguf
 
@@ -197,15 +202,32 @@ def merge_tensor(raw: np.ndarray, source_type: str, output_type: str, idx: np.nd
     if src == out and idx.size == 0:
         return raw.copy(), MergedTensor(name, source_type, output_type, 0, 0, int(n_blocks), 0.0, 0.0, 0.0)
 
-    if src == out:
-        blocks, inverse = np.unique(idx // block, return_inverse=True)
-        pos = (inverse.ravel(), idx % block)
+    # Into a finer type of the same grid family, every block is lifted onto the source's grid, so
+    # no other value moves. Within one type, re-quantizing puts unedited values back where they
+    # were unless an edited value becomes the block's largest; then it sets the scale, as a
+    # quantizer would have (a sidecar's outliers folded back, for one).
+    lifts = src != out and quant_grid.max_shift(source_type, output_type) is not None
+    if src == out or lifts:
+        blocks = np.unique(idx // block) if src == out else np.arange(n_blocks)
+        where = np.searchsorted(blocks, idx // block)
+        pos = (where, idx % block)
         before = _dequantize(raw.reshape(n_blocks, size)[blocks], src, block)
         target = before.copy()
         target[pos] += val
-        new = _quantize(target, out, len(blocks))
-        merged = raw.copy()
-        merged.reshape(n_blocks, size)[blocks] = new
+        if lifts:
+            edited = np.zeros(target.shape, bool)
+            edited[pos] = True
+            new, misfit = quant_grid.lift(raw.reshape(n_blocks, size)[blocks], source_type, output_type,
+                                          target, edited)
+            if misfit.any():   # an edited value past the block's range: it sets a new scale
+                new[misfit] = _quantize(target[misfit], out, int(misfit.sum()))
+        else:
+            new = _quantize(target, out, len(blocks))
+        if src == out:
+            merged = raw.copy()
+            merged.reshape(n_blocks, size)[blocks] = new
+        else:
+            merged = new.reshape(-1)
         change = _dequantize(new, out, block) - before
         n_changed = len(blocks)
     else:

@@ -15,10 +15,12 @@ cost next to nothing); the held-out loss is the judge of both.
 
 `choose_types` then spends a byte budget greedily: the upgrade that removes the most squared
 error per added byte first, until the budget is spent or what is left is a negligible share of
-the deltas' effect. Types between 4 and 8 bits (Q5_0, Q5_1) are not candidates: their grid
-does not contain a 4-bit grid, so converting a Q4 weight to them moves every value by up to
-half a Q4 step (measured on SmolLM2: mean |error| 0.0074 for Q5_1 against 0.0008 for Q8_0, on
-weights of mean |w| 0.15), which costs more than the deltas are worth.
+the deltas' effect. The upgrades of a weight are the finer types that hold its grid exactly
+(`edge_zo.quant_grid`: Q4_0 -> Q5_0 at half the step, 1 bit more per weight, or Q8_0 at a
+sixteenth, 4 bits more; Q4_1 -> Q5_1), and Q8_0 for every type. A Q5 type that does not hold the
+source grid is no candidate: converting a Q4_1 weight to Q5_0 moves every value by up to half a
+Q4 step (measured on SmolLM2: mean |error| 0.0066, against 0.0008 for Q8_0, on weights of mean
+|w| 0.15), which costs more than the deltas are worth.
 """
 from __future__ import annotations
 
@@ -30,8 +32,9 @@ import numpy as np
 from .adapter import SparseAdapter
 from .gguf_io import Tensor
 from .merge import FALLBACK_TYPE, REQUANTIZABLE, merge_tensor
+from .quant_grid import max_shift
 
-UPGRADE_TYPES = ("Q8_0",)      # what an edited weight may become when its own type loses the deltas
+UPGRADE_TYPES = ("Q5_0", "Q5_1", "Q8_0")   # what an edited weight may become when its own type loses them
 NEGLIGIBLE = 1e-4              # stop upgrading once the squared error left is this share of the effect's
 
 
@@ -81,8 +84,14 @@ def _coords(adapter: SparseAdapter | None, name: str) -> tuple[np.ndarray, np.nd
     return adapter.indices[i], adapter.weight_values(i)
 
 
+def upgrade_types(source_type: str) -> tuple[str, ...]:
+    """The types an edited weight of `source_type` may become: those of UPGRADE_TYPES that hold
+    its grid exactly, and Q8_0 for any type."""
+    return tuple(u for u in UPGRADE_TYPES if u == FALLBACK_TYPE or (max_shift(source_type, u) or 0) > 0)
+
+
 def measure_tensor(t: Tensor, personalized: SparseAdapter, original: SparseAdapter | None,
-                   e_x2: np.ndarray | None, candidates: tuple[str, ...] = UPGRADE_TYPES) -> TensorChoice:
+                   e_x2: np.ndarray | None, candidates: tuple[str, ...] | None = None) -> TensorChoice:
     """Merge weight `t` with `personalized` (sidecar + deltas) in its own type and in each
     candidate type, and measure each result against base + personalized in float32. The effect
     is measured against base + `original` (the sidecar alone: the model before tuning)."""
@@ -108,6 +117,7 @@ def measure_tensor(t: Tensor, personalized: SparseAdapter, original: SparseAdapt
         return float(np.sum((diff[at].astype(np.float64) * s[cols]) ** 2))
 
     own = t.type_name if t.type_name in REQUANTIZABLE else None
+    candidates = upgrade_types(t.type_name) if candidates is None else candidates
     types = ([own] if own else []) + [c for c in candidates if c != own]
     if not own and FALLBACK_TYPE not in types:
         types.append(FALLBACK_TYPE)

@@ -93,7 +93,7 @@ def test_only_edited_blocks_are_requantized(type_name):
     qtype = Q[type_name]
     base = rng.standard_normal((8, 64)).astype(np.float32) * 0.02
     raw = np.ascontiguousarray(gguf.quantize(base, qtype)).view(np.uint8)
-    idx, val = np.array([3, 40, 70, 300]), np.array([0.1, -0.2, 0.0, 0.05], np.float32)  # 70 is a zero delta
+    idx, val = np.array([3, 40, 70, 300]), np.array([0.1, -0.2, 0.0, 0.3], np.float32)  # 70 is a zero delta
     merged, s = merge_tensor(raw, type_name, type_name, idx, val)
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     expect = gguf.dequantize(raw, qtype).reshape(-1).copy()  # F32 "dequantizes" to a view
@@ -102,7 +102,8 @@ def test_only_edited_blocks_are_requantized(type_name):
     before, after = raw.reshape(-1, size), merged.reshape(-1, size)
     untouched = np.setdiff1d(np.arange(len(before)), changed_blocks)
     assert np.array_equal(before[untouched], after[untouched])
-    # An edited block is what the quantizer makes of base + deltas, block by block.
+    # An edited block is what the quantizer makes of base + deltas, block by block: these deltas
+    # are 10-70 steps, past every block's range, so no block keeps its grid (test_quant_grid).
     want = np.ascontiguousarray(gguf.quantize(expect.reshape(-1, block)[changed_blocks], qtype)).view(np.uint8)
     assert np.array_equal(after[changed_blocks], want.reshape(len(changed_blocks), size))
     assert (s.entries, s.blocks_changed, s.blocks) == (3, len(changed_blocks), len(before))
