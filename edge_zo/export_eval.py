@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from .dataset import Example
-from .runtime import choice_correct, single_token_choices
+from .runtime import choice_correct, choice_cross_entropy, single_token_choices
 
 
 def _answer_is_completion(e: Example) -> bool:
@@ -31,7 +31,8 @@ def needs_all_logits(examples: list[Example], with_choices: bool) -> bool:
 
 
 def evaluate(scorer, examples: list[Example], with_choices: bool) -> dict:
-    """{"loss": mean NLL per target token, "accuracy" (with choices), "seconds"}."""
+    """{"loss": mean NLL per target token, "seconds"}, and with choices "accuracy" and "choice_loss"
+    (the mean cross-entropy over each row's choices: what `tune --objective choices` minimizes)."""
     t0 = time.perf_counter()
     nll = np.zeros(len(examples))
     count = np.array([e.n_targets for e in examples], np.int64)
@@ -40,6 +41,7 @@ def evaluate(scorer, examples: list[Example], with_choices: bool) -> dict:
     if with_choices:
         scores = scorer.choice_scores(examples)
         out["accuracy"] = float(np.mean(choice_correct(scores, examples)))
+        out["choice_loss"] = float(np.mean(choice_cross_entropy(scores, examples)))
         rest = []
         for i, (s, e) in enumerate(zip(scores, examples)):
             if _answer_is_completion(e):

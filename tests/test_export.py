@@ -642,3 +642,25 @@ def test_one_pass_gives_the_loss_and_accuracy_of_two(tiny_q4, tmp_path):
         got = evaluate(rt, examples, data.has_choices)
         assert got["loss"] == pytest.approx(rt.loss(examples).mean, rel=1e-5)
         assert got["accuracy"] == rt.accuracy(examples)
+        # the loss tune's choices objective minimizes, from the same pass
+        from edge_zo.objective import Objective, validation
+
+        assert got["choice_loss"] == pytest.approx(validation(rt, Objective.CHOICES, examples)["valid_loss"],
+                                                   rel=1e-6)
+
+
+def test_verdicts_judge_the_loss_over_the_choices_where_rows_have_them():
+    from edge_zo.commands.export import _verdicts
+
+    # Tuned on the choices: their loss fell 1.0 -> 0.5 while the NLL over the vocabulary rose.
+    row = lambda nll, ce, acc: {"loss": nll, "choice_loss": ce, "accuracy": acc}   # noqa: E731
+    v = {"original": row(4.0, 1.0, 0.5), "adapter_path": row(9.0, 0.5, 0.7), "merged": row(9.5, 0.505, 0.705),
+         "lora_base": row(4.1, 1.02, 0.5), "lora": row(8.0, 0.56, 0.66)}
+    out = _verdicts(v)
+    assert out["merged"]["loss"] == "choice_loss" and out["merged"]["loss_gap"] == pytest.approx(0.01)
+    assert out["merged"]["ok"]
+    assert out["lora"]["improvement_kept"] == pytest.approx((1.02 - 0.56) / 0.5) and out["lora"]["ok"]
+    for r in v.values():   # rows without choices: the NLL
+        del r["choice_loss"], r["accuracy"]
+    out = _verdicts(v)
+    assert out["merged"]["loss"] == out["lora"]["loss"] == "loss" and not out["merged"]["ok"]   # +5.6%

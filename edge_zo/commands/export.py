@@ -28,11 +28,12 @@ Measured on SmolLM2, 400 held-out rows (docs/export.md): the merged file at 1.15
 the loss improvement.
 
 With --data, every variant is scored on the rows in one pass each (loss and, for rows with
-choices, accuracy): the original model (MODEL + sidecar, before tuning), the adapter path (+ the
-tuned deltas: what `edge-zo eval --adapter` measures), the merged GGUF, and the LoRA run by stock
-llama-cpp-python on its base. The report says plainly when an export keeps less than it should:
-the merged model's loss more than 2% above the adapter path's or its accuracy more than 1 point
-off; the LoRA keeping less than 90% of the loss improvement.
+choices, the cross-entropy over the choices and accuracy): the original model (MODEL + sidecar,
+before tuning), the adapter path (+ the tuned deltas: what `edge-zo eval --adapter` measures), the
+merged GGUF, and the LoRA run by stock llama-cpp-python on its base. The report says plainly when
+an export keeps less than it should: the merged model's loss more than 2% above the adapter path's
+or its accuracy more than 1 point off; the LoRA keeping less than 90% of the loss improvement.
+For rows with choices the loss judged is the one over the choices, which tune minimizes there.
 
 The sidecar beside the model (DIR/sidecar.gguf beside DIR/model.gguf, as `edge-zo convert`
 writes them) is summed in first, as tune attaches it; --no-sidecar leaves it out, and it is
@@ -342,7 +343,7 @@ def _evaluate(args, opts, model: Path, original: SparseAdapter | None, adapters:
 
     def score(name: str, scorer) -> None:   # one line per variant: scoring is most of the command's time
         variants[name] = r = evaluate(scorer, examples, data.has_choices)
-        acc = f", accuracy {r['accuracy']:.3f}" if "accuracy" in r else ""
+        acc = f", choice loss {r['choice_loss']:.4f}, accuracy {r['accuracy']:.3f}" if "accuracy" in r else ""
         _say(f"scored {name} on {len(examples)} rows: loss {r['loss']:.4f}{acc} in {r['seconds']:.0f} s")
 
     with Runtime(model, opts) as rt:
@@ -374,27 +375,35 @@ def _evaluate(args, opts, model: Path, original: SparseAdapter | None, adapters:
     return result
 
 
+def judged_loss(variant: dict) -> str:
+    """The loss the verdicts compare: over the choices where the rows have them (what tune
+    minimizes there, and what moves their accuracy; the NLL over the whole vocabulary can rise
+    while it falls), else the NLL of the completion."""
+    return "choice_loss" if "choice_loss" in variant else "loss"
+
+
 def _verdicts(v: dict) -> dict:
     """Plain statements of what each export keeps, against the targets."""
     out = {}
     ref, orig = v["adapter_path"], v["original"]
-    improvement = orig["loss"] - ref["loss"]
+    key = judged_loss(ref)
+    improvement = orig[key] - ref[key]
     if "merged" in v:
         m = v["merged"]
-        gap = (m["loss"] - ref["loss"]) / ref["loss"] if ref["loss"] else 0.0
+        gap = (m[key] - ref[key]) / ref[key] if ref[key] else 0.0
         acc_gap = abs(m["accuracy"] - ref["accuracy"]) if "accuracy" in m else 0.0
         # rounded: 0.610 - 0.600 is 0.010000000000000009, and one point is within one point
         ok = gap <= MERGED_LOSS_TOLERANCE and round(acc_gap, 9) <= MERGED_ACCURACY_TOLERANCE
-        out["merged"] = {"loss_gap": gap, "accuracy_gap": acc_gap if "accuracy" in m else None,
-                         "improvement_kept": (orig["loss"] - m["loss"]) / improvement if improvement else None,
+        out["merged"] = {"loss": key, "loss_gap": gap, "accuracy_gap": acc_gap if "accuracy" in m else None,
+                         "improvement_kept": (orig[key] - m[key]) / improvement if improvement else None,
                          "ok": ok}
     if "lora" in v:
         lo = v["lora"]
         # Against its base in the same engine: stock llama.cpp's defaults (F16 KV cache, flash
         # attention) differ from the runtime's by more than a small tuned effect.
-        start = v.get("lora_base", orig)["loss"]
-        kept = (start - lo["loss"]) / improvement if improvement else None
-        out["lora"] = {"improvement_kept": kept, "loss_gap": (lo["loss"] - ref["loss"]) / ref["loss"],
+        start = v.get("lora_base", orig)[key]
+        kept = (start - lo[key]) / improvement if improvement else None
+        out["lora"] = {"loss": key, "improvement_kept": kept, "loss_gap": (lo[key] - ref[key]) / ref[key],
                        "ok": kept is not None and kept >= LORA_KEPT_TARGET}
     return out
 
@@ -428,13 +437,14 @@ def _summary(r: dict, report_path: Path) -> str:
         for key, label in names.items():
             if key in ev["variants"]:
                 x = ev["variants"][key]
-                acc = f"  accuracy {x['accuracy']:.3f}" if "accuracy" in x else ""
+                acc = f"  choice loss {x['choice_loss']:.4f}  accuracy {x['accuracy']:.3f}" if "accuracy" in x else ""
                 lines.append(f"  {label:<30} loss {x['loss']:.4f}{acc}  ({x['seconds']:.1f} s)")
         vd = ev["verdicts"]
         if "merged" in vd:
             m = vd["merged"]
             acc = "" if m["accuracy_gap"] is None else f", accuracy off by {m['accuracy_gap'] * 100:.1f} points"
-            lines.append(f"verdict   merged: loss {m['loss_gap']:+.1%} against the adapter path{acc}: " + (
+            what = "choice loss" if m["loss"] == "choice_loss" else "loss"
+            lines.append(f"verdict   merged: {what} {m['loss_gap']:+.1%} against the adapter path{acc}: " + (
                 "keeps the tuned result" if m["ok"] else
                 f"KEEPS LESS THAN IT SHOULD (target: within {MERGED_LOSS_TOLERANCE:.0%} and "
                 f"{MERGED_ACCURACY_TOLERANCE * 100:.0f} point); a larger --max-size keeps more of the deltas "
@@ -443,7 +453,8 @@ def _summary(r: dict, report_path: Path) -> str:
             lv = vd["lora"]
             kept = "n/a (the deltas do not move the loss)" if lv["improvement_kept"] is None else \
                 f"{lv['improvement_kept']:.0%}"
-            lines.append(f"verdict   LoRA: keeps {kept} of the loss improvement: " + (
+            what = "choice loss" if lv["loss"] == "choice_loss" else "loss"
+            lines.append(f"verdict   LoRA: keeps {kept} of the {what} improvement: " + (
                 "as it should" if lv["ok"] else
                 f"KEEPS LESS THAN IT SHOULD (target {LORA_KEPT_TARGET:.0%}); raise --lora-keep or --lora-max-size"))
     lines.append(f"report    {report_path}  ({r['seconds']:.1f} s)")
