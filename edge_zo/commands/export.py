@@ -23,9 +23,9 @@ activation-weighted SVD is short; each weight gets the fewest ranks that capture
 its own delta, and over --lora-max-size of the model's size the ranks holding the least of their
 weight per byte go first.
 
-Measured on SmolLM2, 400 held-out rows (docs/export.md): the merged file at 1.15x kept the loss
-(+0.6%) and the accuracy (0.608 against 0.610); the LoRA, 2.0% of the model's size, kept 92% of
-the loss improvement.
+Measured on SmolLM2, 400 held-out rows (docs/export.md): the merged file at 1.15x kept the accuracy
+(0.608 against 0.610) but not all of the loss over the choices (+2.6%); the LoRA, 2.0% of the
+model's size, kept all of it.
 
 With --data, every variant is scored on the rows in one pass each (loss and, for rows with
 choices, the cross-entropy over the choices and accuracy): the original model (MODEL + sidecar,
