@@ -1,8 +1,8 @@
 """Which type each edited weight gets in the merged GGUF: the cheapest that keeps the tuned result.
 
 A tuned delta is often smaller than half a 4-bit step, and then re-quantizing its block into the
-model's own 4-bit type rounds it away; Q8_0 keeps it, at 8.5 bits per weight for the whole
-tensor. So every edited weight is tried in each candidate type and its error measured against
+model's own 4-bit type rounds it away; a finer type keeps it (Q5_0 at 1 bit per weight more for
+the whole tensor, Q8_0 at 4). So every edited weight is tried in each candidate type and its error measured against
 what the adapter path computes (dense + sidecar + deltas), at the adapter's coordinates, in the units that
 matter for the output: each column weighted by the RMS of its input activation, sqrt(E[x_j^2])
 (the statistic llama.cpp's imatrix gathers; `edge_zo.activation_mask.activation_stats`). The tuned

@@ -10,8 +10,9 @@ A grid lift keeps the block's own grid instead: the new block's scale is d / 2^s
 unedited value is still exactly on it (k becomes k·2^s), and only the edited values are rounded,
 to a step 2^s times finer. How far s can go depends on the two types' integer ranges:
 
-    Q4_0 -> Q4_0 s = 0   Q4_0 -> Q5_0 s <= 1   Q4_0 -> Q8_0 s <= 4   Q5_0 -> Q8_0 s <= 3
-    Q4_1 -> Q4_1 s = 0   Q4_1 -> Q5_1 s <= 1   (and each type into itself, s = 0)
+    Q4_0 -> Q5_0 s <= 1   Q4_0 -> Q8_0 s <= 4   Q5_0 -> Q8_0 s <= 3   Q4_1 -> Q5_1 s <= 1
+
+(`max_shift` is 0 within one type; `merge` re-quantizes there, as a quantizer would).
 
 Per block the largest s that keeps every edited value in range (and d / 2^s exact in F16) is
 taken. A block where an edited value is past the range even at s = 0 (a sidecar's outlier put
@@ -24,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 BLOCK = 32
-# Integer range of each type's values in units of its scale; None: the type has an offset m.
+# Integer range of each symmetric type's values, in units of its scale (w = d·k).
 SYMMETRIC = {"Q4_0": (-8, 7), "Q5_0": (-16, 15), "Q8_0": (-128, 127)}
 AFFINE = {"Q4_1": 15, "Q5_1": 31}   # q in [0, top], w = d·q + m
 
@@ -60,8 +61,7 @@ def lift(raw: np.ndarray, source: str, output: str, values: np.ndarray, edited: 
     if s_max is None:
         raise ValueError(f"no grid lift from {source} to {output}")
     d, m, k = _unpack(raw, source)
-    affine = source in AFFINE
-    lo, hi = (0, AFFINE[output]) if affine else SYMMETRIC[output]
+    lo, hi = (0, AFFINE[output]) if source in AFFINE else SYMMETRIC[output]
     out_d = np.zeros_like(d)
     out_k = np.zeros(k.shape, np.int32)
     todo = np.ones(len(d), bool)
