@@ -77,7 +77,7 @@ class ValueSets:
         return len(self.sets)
 
 
-@dataclass
+@dataclass(eq=False)   # compared by identity: detach must find this one, not an equal-looking one
 class Attachment:
     adapter: SparseAdapter
     slots: list[int]

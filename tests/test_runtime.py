@@ -88,8 +88,8 @@ def test_adapters_stack_and_values_are_read_live(tiny_untied, tmp_path):
         both = SparseAdapter.from_weights("llama", {name: (idx, np.full(4, 1.5, np.float32))})
         att_a, att_b = rt.attach(a), rt.attach(b)
         stacked = _total(rt, ex)
+        rt.detach(att_b)              # the later one first: attachments are found by identity
         rt.detach(att_a)
-        rt.detach(att_b)
         assert _total(rt, ex) == base
         att = rt.attach(both)
         summed = _total(rt, ex)
