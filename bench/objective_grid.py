@@ -14,7 +14,9 @@ on a CPU gives the same curves, so it runs where forwards are cheap.
 
 DIR holds model.gguf and sidecar.gguf (`edge-zo convert`); or name the two files with --model and
 --sidecar (a stock GGUF and a keep-split mask, as `edge-zo tune MODEL DATA` tunes them). A
-configuration takes the keys objective (choices|nll), optimizer, lr, eps, steps, batch and seed.
+configuration takes the keys objective (choices|nll), optimizer, lr, eps, steps, batch and seed,
+and "head": true to tune, beside the mask, every output-matrix row of the choices' tokens (the
+label words' rows: a linear read-out of the last hidden state, docs/objective.md).
 """
 from __future__ import annotations
 
@@ -29,9 +31,10 @@ import numpy as np
 
 from edge_zo import objective
 from edge_zo.adapter import SparseAdapter
-from edge_zo.constants import Sparse
+from edge_zo.constants import OUTPUT, TOKEN_EMBD, Sparse
 from edge_zo.dataset import Tokenizer, load_jsonl
 from edge_zo.errors import EdgeZoError
+from edge_zo.model_info import ModelInfo
 from edge_zo.runtime import Runtime, RuntimeOptions
 from edge_zo.spsa import Optimizer
 from edge_zo.trainer import LoopConfig, LoopState, train
@@ -50,15 +53,16 @@ def run_task(args, task: str, configs: list[dict], out) -> None:
         sidecar = SparseAdapter.load(args.sidecar)
         if np.any(sidecar.values):
             rt.attach(sidecar)
-        deltas = sidecar.with_values(np.zeros(sidecar.n_params, np.float32), {Sparse.ROLE: "deltas"})
-        rt.attach(deltas)
-        live = deltas.values
         for cfg in configs:
+            tuned = with_head(sidecar, args.model, train_ex) if cfg.get("head") else sidecar
+            deltas = tuned.with_values(np.zeros(tuned.n_params, np.float32), {Sparse.ROLE: "deltas"})
+            slot = rt.attach(deltas)
+            live = deltas.values
             loss = objective.batch_loss(rt, objective.Objective(cfg.get("objective", "choices")))
             loop = LoopConfig(steps=cfg["steps"], batch_size=cfg.get("batch", 8), eps=cfg.get("eps", 5e-3),
                               lr=cfg["lr"], optimizer=Optimizer(cfg.get("optimizer", "adam")),
                               seed=cfg.get("seed", 0), eval_every=args.eval_every, save_every=10**9)
-            state = LoopState.fresh(np.zeros(sidecar.n_params, np.float32), loop)
+            state = LoopState.fresh(np.zeros(tuned.n_params, np.float32), loop)
             curve, t0 = [], time.perf_counter()
 
             def report(r):
@@ -76,8 +80,9 @@ def run_task(args, task: str, configs: list[dict], out) -> None:
                 error = str(exc)
             live[:] = state.best
             tested = objective.validation(rt, objective.Objective.CHOICES, test)
-            live[:] = 0.0
-            row = {"task": task, "sidecar": str(args.sidecar), "config": cfg, "curve": curve, "best_step": state.best_step,
+            rt.detach(slot)
+            row = {"task": task, "sidecar": str(args.sidecar), "config": cfg, "coordinates": tuned.n_params,
+                   "curve": curve, "best_step": state.best_step,
                    "test_accuracy": tested["valid_accuracy"], "test_choice_ce": tested["valid_loss"],
                    "seconds": round(time.perf_counter() - t0, 2), "error": error}
             out.write(json.dumps(row) + "\n")
@@ -85,24 +90,47 @@ def run_task(args, task: str, configs: list[dict], out) -> None:
             log("objective_grid", f"{task} {cfg}: test accuracy {row['test_accuracy']:.3f}")
 
 
+def with_head(sidecar: SparseAdapter, model: Path, examples) -> SparseAdapter:
+    """The sidecar's coordinates plus every output-matrix row of the choices' tokens."""
+    info = ModelInfo.open(model)
+    name = OUTPUT if OUTPUT in info.tensors else TOKEN_EMBD
+    n_in = info.tensors[name].shape[-1]
+    tokens = sorted({int(t) for e in examples for c in e.choices for t in c.tokens[c.targets.astype(bool)]})
+    rows = (np.asarray(tokens, np.int64)[:, None] * n_in + np.arange(n_in)).ravel()
+    weights = {n: (i, sidecar.weight_values(k)) for k, (n, i) in enumerate(zip(sidecar.names, sidecar.indices))}
+    if name in weights:
+        idx, val = weights[name]
+        rows = np.setdiff1d(rows, idx)
+        weights[name] = (np.concatenate([idx, rows]), np.concatenate([val, np.zeros(len(rows), np.float32)]))
+    else:
+        weights[name] = (rows, np.zeros(len(rows), np.float32))
+    log("objective_grid", f"head: {len(tokens)} choice tokens, {len(rows)} coordinates of {name}")
+    return SparseAdapter.from_weights(sidecar.architecture, weights, sidecar.metadata)
+
+
+_PLAIN = ("objective", "optimizer", "lr", "steps", "seed")
+
+
 def report(path: Path) -> str:
-    """Test accuracy per (objective, optimizer, lr) and task, mean over seeds (n)."""
+    """Test accuracy per configuration (seeds pooled: n says how many) and task."""
     cells = defaultdict(list)
     tasks = []
     for line in path.read_text().splitlines():
         r = json.loads(line)
         c = r["config"]
-        key = (c.get("objective", "choices"), c.get("optimizer", "adam"), c["lr"], c["steps"])
+        other = ", ".join(([Path(r["sidecar"]).name] if "sidecar" in r else []) +
+                          [f"{k} {c[k]}" for k in sorted(c) if k not in _PLAIN])
+        key = (c.get("objective", "choices"), c.get("optimizer", "adam"), c["lr"], c["steps"], other)
         cells[key, r["task"]].append(r["test_accuracy"])
         tasks += [r["task"]] if r["task"] not in tasks else []
-    lines = ["| objective | optimizer | lr | steps | " + " | ".join(tasks) + " | mean |",
-             "| --- | --- | --- | --- | " + " | ".join("---" for _ in tasks) + " | --- |"]
+    lines = ["| objective | optimizer | lr | steps | other | " + " | ".join(tasks) + " | mean |",
+             "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in tasks) + " | --- |"]
     for key in sorted({k for k, _ in cells}, key=str):
         accs = [cells.get((key, t)) for t in tasks]
         shown = [f"{np.mean(a):.3f}" + (f" (n={len(a)})" if len(a) > 1 else "") if a else "" for a in accs]
         means = [np.mean(a) for a in accs if a]
         mean = f"{np.mean(means):.3f}" if len(means) == len(tasks) else ""
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]:g} | {key[3]} | " + " | ".join(shown) + f" | {mean} |")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]:g} | {key[3]} | {key[4]} | " + " | ".join(shown) + f" | {mean} |")
     return "\n".join(lines)
 
 

@@ -254,11 +254,16 @@ def test_objective_grid(tiny_q4, tmp_path):
         write_jsonl(tasks / f"{split}.jsonl", rows)
     out = tmp_path / "grid.jsonl"
     configs = [{"objective": "choices", "optimizer": "adam", "lr": 1e-3, "steps": 4},
-               {"objective": "nll", "optimizer": "sgd", "lr": 1e-3, "steps": 4, "seed": 1}]
+               {"objective": "nll", "optimizer": "sgd", "lr": 1e-3, "steps": 4, "seed": 1},
+               {"objective": "choices", "optimizer": "adam", "lr": 1e-3, "steps": 4, "head": True, "batch": 4}]
     table = bench("objective_grid", "--model-dir", model_dir, "--tasks-dir", tasks.parent, "--tasks", "toy",
                   "--configs", json.dumps(configs), "--out", out, "--eval-every", 2, "--threads", 1)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["config"] for r in rows] == configs and not any(r["error"] for r in rows)
     for r in rows:
         assert [c[0] for c in r["curve"]] == [0, 2, 4] and 0 <= r["test_accuracy"] <= 1 and r["test_choice_ce"] > 0
-    assert "| choices | adam | 0.001 | 4 | " in table and "| nll | sgd | 0.001 | 4 | " in table
+    assert "| choices | adam | 0.001 | 4 | sidecar.gguf | " in table and "| nll | sgd | 0.001 | 4 | sidecar.gguf | " in table
+    assert "| choices | adam | 0.001 | 4 | sidecar.gguf, batch 4, head True | " in table
+    # the head run tunes the mask and the label words' two rows of the output matrix
+    n_embd = ModelInfo.open(tiny_q4.path).tensors["token_embd.weight"].shape[1]
+    assert rows[2]["coordinates"] == rows[0]["coordinates"] + 2 * n_embd
