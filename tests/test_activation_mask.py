@@ -4,6 +4,7 @@ converters.fisher.select, the cached mask built once and reused by tune, eval an
 the whole path with torch unimportable, and the real SmolLM2."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -172,6 +173,24 @@ def test_tune_without_sidecar_builds_caches_and_reuses_the_mask(stock, cache, tm
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(with_mask, abs=1e-6)   # zero values
     assert cli(["generate", str(stock), "-p", "My dog's name is", "-n", "2", "--threads", "2"]) == 0
     assert f"adapters: {path} (the mask tune cached" in capsys.readouterr().err
+
+
+def test_the_activation_mask_keeps_the_same_share_of_every_matrix_and_rebuilds_a_global_cache(stock, cache):
+    """Per matrix: a global top of W^2*E[x^2] spends the budget where outlier activations are (docs/mask.md)."""
+    info = ModelInfo.open(stock)
+    path = activation_mask.ensure(stock, say=lambda m: None, method=activation_mask.METHOD)
+    mask = SparseAdapter.load(path)
+    assert mask.metadata[Sparse.MASK_SCOPE] == "per-matrix"
+    counts = dict(zip(mask.names, map(len, mask.indices)))
+    for name in info.block_matmul_weights():
+        assert counts.get(name, 0) == round(0.001 * info.tensors[name].n_elements), name
+    # a mask that an older edge-zo cached (one top over all matrices) is built again, not reused
+    settings = dataclasses.replace(activation_mask.DEFAULT, per_matrix=False)
+    activation_mask.build_sidecar(stock, settings, log=lambda m: None)[0].save(path)
+    said = []
+    assert activation_mask.ensure(stock, say=said.append, method=activation_mask.METHOD) == path
+    assert any("building its activation mask" in m for m in said), said
+    assert SparseAdapter.load(path).metadata[Sparse.MASK_SCOPE] == "per-matrix"
 
 
 def test_a_fisher_mask_that_cannot_be_computed_falls_back_to_the_activation_mask(stock, cache, monkeypatch):
