@@ -130,7 +130,8 @@ def report(path: Path) -> str:
         shown = [f"{np.mean(a):.3f}" + (f" (n={len(a)})" if len(a) > 1 else "") if a else "" for a in accs]
         means = [np.mean(a) for a in accs if a]
         mean = f"{np.mean(means):.3f}" if len(means) == len(tasks) else ""
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]:g} | {key[3]} | {key[4]} | " + " | ".join(shown) + f" | {mean} |")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]:g} | {key[3]} | {key[4]} | " + " | ".join(shown)
+                     + f" | {mean} |")
     return "\n".join(lines)
 
 

@@ -240,15 +240,21 @@ def test_the_automatic_path_runs_with_torch_unimportable(stock, cache, tmp_path)
     assert sidecar.metadata[Sparse.MASK_METHOD] == "activation" and sidecar.metadata[Sparse.CALIB_TOKENS] > 0
 
 
+def _tune_without_torch(model: Path, data: Path, out: Path, cache: Path, *, steps: int, batch_size: int):
+    """`edge-zo tune MODEL DATA` with torch unimportable, validating at the start and at the last step."""
+    run = subprocess.run([sys.executable, "-c", NO_TORCH, "tune", str(model), str(data), "-o", str(out),
+                          "--steps", str(steps), "--eval-every", str(steps), "--lr", "1e-3", "--eps", "5e-3",
+                          "--max-tokens", "48", "--batch-size", str(batch_size), "--threads", "2", "--quiet"],
+                         capture_output=True, text=True, env={**os.environ, "EDGE_ZO_CACHE": str(cache)}, timeout=1800)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
 @pytest.mark.slow
 def test_smollm2_automatic_mask_and_a_few_steps(smollm2, cache, tmp_path):
     """The torch-free automatic mask on the real model, as tune builds it where torch is missing."""
     data = write_jsonl(tmp_path / "facts.jsonl", FACTS)
-    run = subprocess.run([sys.executable, "-c", NO_TORCH, "tune", str(smollm2), str(data), "-o", str(tmp_path / "run"),
-                          "--steps", "3", "--eval-every", "3", "--lr", "1e-3", "--eps", "5e-3", "--max-tokens", "48",
-                          "--batch-size", "4", "--threads", "2", "--quiet"],
-                         capture_output=True, text=True, env={**os.environ, "EDGE_ZO_CACHE": str(cache)}, timeout=1800)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = _tune_without_torch(smollm2, data, tmp_path / "run", cache, steps=3, batch_size=4)
     mask = SparseAdapter.load(activation_mask.cache_path(file_sha256(smollm2)))
     info = ModelInfo.open(smollm2)
     assert mask.metadata[Sparse.MASK_METHOD] == "activation"
@@ -266,11 +272,7 @@ def test_gemma3_stock_k_quant_file_tunes_with_no_other_command(cache, tmp_path):
     model = Path(gemma.assemble())
     sha = file_sha256(model)
     data = write_jsonl(tmp_path / "facts.jsonl", FACTS)
-    run = subprocess.run([sys.executable, "-c", NO_TORCH, "tune", str(model), str(data), "-o", str(tmp_path / "run"),
-                          "--steps", "2", "--eval-every", "2", "--lr", "1e-3", "--eps", "5e-3", "--max-tokens", "48",
-                          "--batch-size", "2", "--threads", "2", "--quiet"],
-                         capture_output=True, text=True, env={**os.environ, "EDGE_ZO_CACHE": str(cache)}, timeout=1800)
-    assert run.returncode == 0, run.stderr[-3000:]
+    _tune_without_torch(model, data, tmp_path / "run", cache, steps=2, batch_size=2)
     assert file_sha256(model) == sha
     mask = SparseAdapter.load(activation_mask.cache_path(sha))
     assert mask.metadata[Sparse.SPLIT] == "keep" and mask.metadata[Sparse.BASE_MODEL_SHA256] == sha
