@@ -15,8 +15,10 @@ on a CPU gives the same curves, so it runs where forwards are cheap.
 DIR holds model.gguf and sidecar.gguf (`edge-zo convert`); or name the two files with --model and
 --sidecar (a stock GGUF and a keep-split mask, as `edge-zo tune MODEL DATA` tunes them). A
 configuration takes the keys objective (choices|nll), optimizer, lr, eps, steps, batch and seed,
-and "head": true to tune, beside the mask, every output-matrix row of the choices' tokens (the
-label words' rows: a linear read-out of the last hidden state, docs/objective.md).
+"head": true to tune, beside the mask, every output-matrix row of the choices' tokens (the
+label words' rows: a linear read-out of the last hidden state, docs/objective.md), and
+"relative": true to take lr and eps as fractions of each coordinate's weight matrix's RMS
+(`matrix_rms`; it learned less on Gemma-3-270M, docs/objective.md).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from edge_zo.adapter import SparseAdapter
 from edge_zo.constants import OUTPUT, TOKEN_EMBD, Sparse
 from edge_zo.dataset import Tokenizer, load_jsonl
 from edge_zo.errors import EdgeZoError
+from edge_zo.gguf_io import TensorFile
 from edge_zo.model_info import ModelInfo
 from edge_zo.runtime import Runtime, RuntimeOptions
 from edge_zo.spsa import Optimizer
@@ -63,6 +66,7 @@ def run_task(args, task: str, configs: list[dict], out) -> None:
                               lr=cfg["lr"], optimizer=Optimizer(cfg.get("optimizer", "adam")),
                               seed=cfg.get("seed", 0), eval_every=args.eval_every, save_every=10**9)
             state = LoopState.fresh(np.zeros(tuned.n_params, np.float32), loop)
+            scale = matrix_rms(args.model, tuned) if cfg.get("relative") else None
             curve, t0 = [], time.perf_counter()
 
             def report(r):
@@ -75,7 +79,7 @@ def run_task(args, task: str, configs: list[dict], out) -> None:
                 state = train(loop, state, n_examples=len(train_ex), live=live,
                               loss=lambda idx: loss([train_ex[i] for i in idx]),
                               evaluate=lambda: objective.validation(rt, objective.Objective.CHOICES, valid),
-                              report=report, checkpoint=lambda s: None)
+                              report=report, checkpoint=lambda s: None, scale=scale)
             except (EdgeZoError, FloatingPointError) as exc:
                 error = str(exc)
             live[:] = state.best
@@ -88,6 +92,19 @@ def run_task(args, task: str, configs: list[dict], out) -> None:
             out.write(json.dumps(row) + "\n")
             out.flush()
             log("objective_grid", f"{task} {cfg}: test accuracy {row['test_accuracy']:.3f}")
+
+
+def matrix_rms(model: Path, adapter: SparseAdapter) -> np.ndarray:
+    """One float32 per coordinate of `adapter`: the RMS of the model's weight it belongs to, as
+    stored. With it as spsa's `scale`, lr and eps become fractions of each matrix's typical
+    weight: SmolLM2's block matmuls have a median RMS of 0.19, Gemma-3-270M's 0.04."""
+    info = ModelInfo.open(model)
+    out = np.empty(adapter.n_params, np.float32)
+    with TensorFile(model, info.header) as tf:
+        for i, name in enumerate(adapter.names):
+            w = tf.tensors[name].dequantize()
+            out[adapter.offsets[i]: adapter.offsets[i + 1]] = np.sqrt(np.mean(np.square(w, dtype=np.float64)))
+    return out
 
 
 def with_head(sidecar: SparseAdapter, model: Path, examples) -> SparseAdapter:

@@ -66,19 +66,23 @@ class OptimizerState:
         return {k: a for k, a in (("m", self.m), ("v", self.v)) if a is not None}
 
 
-def apply_update(theta: np.ndarray, state: OptimizerState, g: float, z: np.ndarray, lr: float, step: int) -> None:
-    """θ ← θ − lr · update(g·z), in place; float32 throughout so replays are bit-exact."""
+def apply_update(theta: np.ndarray, state: OptimizerState, g: float, z: np.ndarray, lr: float, step: int,
+                 scale: np.ndarray | None = None) -> None:
+    """θ ← θ − lr · scale ⊙ update(g·z), in place; float32 throughout so replays are bit-exact.
+
+    `scale` (one positive float per coordinate, or None for 1) runs the optimizer in the units
+    u = θ / scale: the perturbation was ε·scale⊙z, and the step taken in u is mapped back to θ."""
     g = np.float32(g)
     lr = np.float32(lr)
     kind = state.kind
     if kind is Optimizer.SGD:
-        theta -= (lr * g) * z
+        step_u = (lr * g) * z
     elif kind is Optimizer.SIGN:
-        theta -= lr * np.sign(g * z)
+        step_u = lr * np.sign(g * z)
     elif kind is Optimizer.MOMENTUM:
         state.m *= np.float32(state.beta1)
         state.m += g * z
-        theta -= lr * state.m
+        step_u = lr * state.m
     else:  # ADAM
         b1, b2 = np.float32(state.beta1), np.float32(state.beta2)
         gz = g * z
@@ -89,7 +93,10 @@ def apply_update(theta: np.ndarray, state: OptimizerState, g: float, z: np.ndarr
         t = step + 1
         m_hat = state.m / np.float32(1 - state.beta1 ** t)
         v_hat = state.v / np.float32(1 - state.beta2 ** t)
-        theta -= lr * m_hat / (np.sqrt(v_hat) + np.float32(state.adam_eps))
+        step_u = lr * m_hat / (np.sqrt(v_hat) + np.float32(state.adam_eps))
+    if scale is not None:
+        step_u *= scale
+    theta -= step_u
 
 
 @dataclass(frozen=True)
@@ -134,23 +141,34 @@ def estimate_together(theta: np.ndarray, zs: dict[int, np.ndarray], eps: float,
 
 
 def replay(theta0: np.ndarray, scalars: list[list[float]] | list[float], *, seed: int, optimizer: Optimizer,
-           lr_at: Callable[[int], float], beta1: float = 0.9, beta2: float = 0.999) -> np.ndarray:
+           lr_at: Callable[[int], float], beta1: float = 0.9, beta2: float = 0.999,
+           scale: np.ndarray | None = None) -> np.ndarray:
     """Rebuild θ from the seed and the per-step projected gradients alone."""
     theta = np.array(theta0, np.float32)
     state = OptimizerState.create(optimizer, len(theta), beta1, beta2)
     for step, gs in enumerate(scalars):
-        take_step(theta, state, gs if isinstance(gs, list) else [gs], seed=seed, step=step, lr=lr_at(step))
+        take_step(theta, state, gs if isinstance(gs, list) else [gs], seed=seed, step=step, lr=lr_at(step),
+                  scale=scale)
     return theta
 
 
-def take_step(theta: np.ndarray, state: OptimizerState, gs: list[float], *, seed: int, step: int, lr: float) -> None:
+def perturbation(seed: int, step: int, n: int, index: int = 0, scale: np.ndarray | None = None) -> np.ndarray:
+    """The vector a step moves θ along to evaluate L(θ ± ε·…): the direction, times `scale` if any."""
+    z = direction(seed, step, n, index)
+    if scale is not None:
+        z *= scale
+    return z
+
+
+def take_step(theta: np.ndarray, state: OptimizerState, gs: list[float], *, seed: int, step: int, lr: float,
+              scale: np.ndarray | None = None) -> None:
     """Apply the averaged update of one step's directions (one g per direction)."""
     if len(gs) == 1:
-        apply_update(theta, state, gs[0], direction(seed, step, len(theta)), lr, step)
+        apply_update(theta, state, gs[0], direction(seed, step, len(theta)), lr, step, scale)
         return
     # Average g·z over the directions, then one optimizer update with g = 1.
     acc = np.zeros(len(theta), np.float32)
     for i, g in enumerate(gs):
         acc += np.float32(g) * direction(seed, step, len(theta), i)
     acc /= np.float32(len(gs))
-    apply_update(theta, state, 1.0, acc, lr, step)
+    apply_update(theta, state, 1.0, acc, lr, step, scale)

@@ -105,7 +105,8 @@ def train(cfg: LoopConfig, state: LoopState, *, n_examples: int, live: np.ndarra
           progress: Callable[[int, dict], None] = lambda step, info: None,
           rank: int = 0, workers: int = 1, gather: Gather = gather_local,
           deadline: float | None = None,
-          losses: Callable[[np.ndarray, list[np.ndarray]], list[float]] | None = None) -> LoopState:
+          losses: Callable[[np.ndarray, list[np.ndarray]], list[float]] | None = None,
+          scale: np.ndarray | None = None) -> LoopState:
     """Run from state.step to cfg.steps. Validation at the start, every
     cfg.eval_every steps and at the end; checkpoints every cfg.save_every steps,
     at the end, and on Ctrl-C (then Interrupted is raised). With several workers,
@@ -117,6 +118,9 @@ def train(cfg: LoopConfig, state: LoopState, *, n_examples: int, live: np.ndarra
 
     With `losses(batch_indices, value_sets)`, a step's value sets (θ+εz and θ−εz of each of the
     worker's directions) are evaluated together in one call instead of by writing each into `live`.
+
+    With `scale` (edge_zo.weight_scale), perturbations and steps are taken relative to each
+    coordinate's weight matrix: θ ± ε·scale⊙z, and lr in the same units (spsa.apply_update).
 
     A step whose training loss, projected gradient, new θ (beyond ±VALUE_MAX, the F16
     range of the deltas file, counts) or validation metrics are not finite raises
@@ -163,10 +167,11 @@ def train(cfg: LoopConfig, state: LoopState, *, n_examples: int, live: np.ndarra
             idx = batch_indices(cfg.seed, step, n_examples, cfg.batch_size)
             mine = range(rank, cfg.directions, workers)
             if losses is not None:
-                zs = {d: spsa.direction(cfg.seed, step, len(state.theta), d) for d in mine}
+                zs = {d: spsa.perturbation(cfg.seed, step, len(state.theta), d, scale) for d in mine}
                 local = spsa.estimate_together(state.theta, zs, cfg.eps, lambda sets: losses(idx, sets))
             else:
-                local = {d: spsa.estimate(live, state.theta, spsa.direction(cfg.seed, step, len(state.theta), d),
+                local = {d: spsa.estimate(live, state.theta, spsa.perturbation(cfg.seed, step, len(state.theta), d,
+                                                                               scale),
                                           cfg.eps, lambda: loss(idx)) for d in mine}
             t_gather = time.perf_counter()
             estimates, stopping = gather(local, stop["now"])
@@ -178,7 +183,7 @@ def train(cfg: LoopConfig, state: LoopState, *, n_examples: int, live: np.ndarra
                 raise DivergedError(f"training diverged at step {step + 1}: the training loss at θ ± ε·z "
                                     f"is {mean_loss:g}", step)
             before = (state.theta.copy(), {k: a.copy() for k, a in state.opt.arrays().items()})
-            spsa.take_step(state.theta, state.opt, gs, seed=cfg.seed, step=step, lr=lr)
+            spsa.take_step(state.theta, state.opt, gs, seed=cfg.seed, step=step, lr=lr, scale=scale)
             beyond = np.flatnonzero(~(np.abs(state.theta) <= VALUE_MAX))   # NaN compares false: caught too
             if len(beyond):
                 i = int(beyond[0])

@@ -255,7 +255,8 @@ def test_objective_grid(tiny_q4, tmp_path):
     out = tmp_path / "grid.jsonl"
     configs = [{"objective": "choices", "optimizer": "adam", "lr": 1e-3, "steps": 4},
                {"objective": "nll", "optimizer": "sgd", "lr": 1e-3, "steps": 4, "seed": 1},
-               {"objective": "choices", "optimizer": "adam", "lr": 1e-3, "steps": 4, "head": True, "batch": 4}]
+               {"objective": "choices", "optimizer": "adam", "lr": 1e-3, "steps": 4, "head": True, "batch": 4},
+               {"objective": "choices", "optimizer": "adam", "lr": 0.1, "steps": 4, "relative": True}]
     table = bench("objective_grid", "--model-dir", model_dir, "--tasks-dir", tasks.parent, "--tasks", "toy",
                   "--configs", json.dumps(configs), "--out", out, "--eval-every", 2, "--threads", 1)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -265,6 +266,8 @@ def test_objective_grid(tiny_q4, tmp_path):
     assert "| choices | adam | 0.001 | 4 | sidecar.gguf | " in table
     assert "| nll | sgd | 0.001 | 4 | sidecar.gguf | " in table
     assert "| choices | adam | 0.001 | 4 | sidecar.gguf, batch 4, head True | " in table
+    assert "| choices | adam | 0.1 | 4 | sidecar.gguf, relative True | " in table
+    assert [c[2] for c in rows[3]["curve"]] != [c[2] for c in rows[0]["curve"]]   # relative steps: another run
     # the head run tunes the mask and the label words' two rows of the output matrix
     n_embd = ModelInfo.open(tiny_q4.path).tensors["token_embd.weight"].shape[1]
     assert rows[2]["coordinates"] == rows[0]["coordinates"] + 2 * n_embd
