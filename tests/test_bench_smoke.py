@@ -76,6 +76,8 @@ def test_mask_coverage(tiny_q4, tmp_path):
     rows = json.loads((tmp_path / "cov.json").read_text())["rows"]
     assert [r["scope"] for r in rows] == ["global", "per-matrix"]
     assert all(r["oracle"] >= r["fisher"] and r["oracle"] >= r["random"] for r in rows)   # nothing beats the oracle
+    scaling = json.loads((tmp_path / "cov.json").read_text())["direction_scaling"]
+    assert scaling["F^0 (today)"] == 1.0 and all(v > 0 for v in scaling.values()), scaling
 
 
 def test_mask_tune_and_quant_choice(tiny_q4, tiny, tmp_path):
